@@ -1,0 +1,54 @@
+"""The four outcomes of a Postfix table lookup (spec G-1).
+
+Every lookup in the bridge, whether it goes to memcache, a backup table or
+a chained lookup server, ends in exactly one of these values. The protocol
+encoders turn them into wire replies; nothing else decides reply codes.
+
+    Found(value)     -> socketmap "OK value",      tcp "200 value"
+    NOT_FOUND        -> socketmap "NOTFOUND ",     tcp "500 ..."
+    Retry(reason)    -> socketmap "TEMP reason" (or "TIMEOUT reason"), tcp "400 reason"
+    ConfigFailure    -> socketmap "PERM reason",   tcp "400 reason"
+
+A backend failure is always Retry, never NOT_FOUND: a wrong "not found"
+bounces or misroutes mail, while a temporary failure only defers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """The key exists; ``value`` is the raw value bytes (already cut at NUL)."""
+
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    """The key does not exist, and nothing went wrong finding that out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A temporary failure (Postfix RETRY). ``timeout`` marks time-limit failures."""
+
+    reason: str
+    timeout: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigFailure:
+    """The table cannot work as configured (Postfix CONFIG)."""
+
+    reason: str
+
+
+NOT_FOUND: Final = NotFound()
+
+Outcome = Found | NotFound | Retry | ConfigFailure
+
+#: Outcomes that are failures: the caller must not treat them as an answer.
+Failure = Retry | ConfigFailure
