@@ -9,6 +9,7 @@ is accepted by :func:`parse_host_port`.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 
@@ -70,8 +71,6 @@ def _parse_port(port_text: str, whole: str) -> int:
     if port_text.isdigit():
         port = int(port_text)
     elif port_text:
-        import socket
-
         try:
             port = socket.getservbyname(port_text, "tcp")
         except OSError:
