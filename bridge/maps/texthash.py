@@ -1,0 +1,326 @@
+"""``texthash:`` tables: a Postfix source text file, looked up from memory.
+
+Postfix's texthash (dict_thash.c) reads a ``key value`` text file once, at
+open, into a hash table (spec TH-1 .. TH-6). The bridge does the same, and
+adds one thing Postfix does not have: the file is re-read when it changes,
+so an edited backup table takes effect without a restart.
+
+Loading (pure, :func:`parse_texthash`):
+
+* the file is cut into logical lines by the shared reader
+  (:func:`bridge.postfix_text.logical_lines`: comments, continuation lines,
+  CF-1 .. CF-4, TH-2);
+* each line is split into key and value by TH-3; broken lines are skipped
+  with a warning naming ``file, line N``;
+* with ``fold=True`` the stored keys are case-folded exactly like lookup
+  keys (TH-4 bridge note, CASE-2, G-6), see :func:`fold_key`;
+* a duplicate key keeps its first value, with a warning (TH-5, postmap's
+  "warn" behaviour).
+
+Reloading: a lookup stats the file at most once per
+:data:`RELOAD_CHECK_INTERVAL` seconds. The ``stat`` itself runs inline: it
+is a single cheap system call on a local file, rate-limited per table. When
+the file's identity, size or times changed, the read and parse (which grow
+with the file) run in a worker thread, one reload at a time process-wide.
+The lookup that noticed the change waits for the new contents; lookups
+that arrive meanwhile answer from the old contents instead of queueing. A
+failed reload (file gone, unreadable) keeps the old contents and logs once
+per change of the file's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+
+from bridge.maps.base import MapError
+from bridge.outcome import NOT_FOUND, ConfigFailure, Found, Outcome
+from bridge.postfix_text import WHITESPACE, logical_lines
+
+_log = logging.getLogger("bridge.maps")
+
+#: Seconds between two checks of a texthash file for changes. An edit is
+#: seen within about a second, which is what an operator expects, while a
+#: busy table still costs at most one ``stat`` per second.
+RELOAD_CHECK_INTERVAL = 1.0
+
+#: One reload at a time for the whole process: reloads are rare, and
+#: serialising them keeps a burst of edited tables from taking every worker
+#: thread away from other blocking work.
+_RELOAD_LIMITER = trio.CapacityLimiter(1)
+
+_BACKSLASH = ord("\\")
+_QUOTE = ord('"')
+
+
+def fold_key(key: bytes, *, smtputf8: bool) -> bytes:
+    """Case-fold a table key the way Postfix folds lookup keys (CASE-2, G-6).
+
+    Args:
+      key: the key bytes.
+      smtputf8: with SMTPUTF8 on, full Unicode case folding (``Straße`` ->
+        ``strasse``); off, ASCII letters only (``CAFÉ`` -> ``cafÉ``).
+
+    Returns:
+      The folded key. A key that is not valid UTF-8 is ASCII-lowercased
+      even with SMTPUTF8 on: Postfix never sends such a lookup key to a
+      table (G-6), so the choice only affects iteration.
+    """
+    if smtputf8:
+        try:
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return key.lower()
+        return text.casefold().encode("utf-8")
+    return key.lower()
+
+
+def found_value(value: bytes, *, smtputf8: bool, spec: str) -> Outcome:
+    """Turn a value a table produced into ``Found``, applying the G-6 check.
+
+    Args:
+      value: the value bytes, already cut at any NUL.
+      smtputf8: whether SMTPUTF8 is on; only then is the value checked.
+      spec: the table, for the failure reason.
+
+    Returns:
+      ``Found(value)``, or ``ConfigFailure`` when SMTPUTF8 is on and the
+      value is not valid UTF-8 (Postfix turns that found result into CONFIG).
+    """
+    if smtputf8:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return ConfigFailure(f"table {spec}: value is not valid UTF-8")
+    return Found(value)
+
+
+def _key_end(text: bytes) -> int | None:
+    """Where the key of a texthash line ends (TH-3), or None for an open quote.
+
+    The key ends at the first whitespace byte that is outside double quotes;
+    a backslash makes the byte after it ordinary, quote or whitespace alike.
+    """
+    in_quotes = False
+    index = 0
+    while index < len(text):
+        byte = text[index]
+        if byte == _BACKSLASH:
+            index += 2
+            continue
+        if byte in WHITESPACE and not in_quotes:
+            return index
+        if byte == _QUOTE:
+            in_quotes = not in_quotes
+        index += 1
+    return None if in_quotes else len(text)
+
+
+def _split_line(text: bytes, *, where: str) -> tuple[bytes, bytes] | None:
+    """Split one logical line into key and value (TH-3), or warn and return None."""
+    end = _key_end(text)
+    if end is None:
+        _log.warning("%s: unbalanced '\"' in %r; line ignored", where, text)
+        return None
+    key = text[:end].rstrip(WHITESPACE)
+    value = text[end:].strip(WHITESPACE)
+    if not key or not value:
+        _log.warning("%s: expected format: key whitespace value; line ignored", where)
+        return None
+    return key, value
+
+
+def parse_texthash(
+    data: bytes, *, source: str, fold: bool, smtputf8: bool = True
+) -> dict[bytes, bytes]:
+    """Parse the contents of a texthash file.
+
+    Args:
+      data: the whole file.
+      source: the file name, for warnings (``source, line N: ...``).
+      fold: case-fold stored keys like lookup keys (:func:`fold_key`).
+      smtputf8: which folding to use when ``fold`` is true.
+
+    Returns:
+      The entries, in file order of each key's first appearance. Lines that
+      TH-3 rejects are left out; a repeated key keeps its first value (TH-5).
+      Problems are logged as warnings, never raised.
+    """
+    entries: dict[bytes, bytes] = {}
+    for line in logical_lines(data, source=source):
+        where = f"{source}, line {line.lineno}"
+        split = _split_line(line.text, where=where)
+        if split is None:
+            continue
+        key, value = split
+        if key.endswith(b":"):
+            # TH-4: stored as written; Postfix only warns about the mix-up.
+            _log.warning('%s: record is in "key: value" format; is this an alias file?', where)
+        if fold:
+            if smtputf8 and not _is_utf8(key):
+                _log.warning("%s: key is not valid UTF-8 and can never be looked up", where)
+            key = fold_key(key, smtputf8=smtputf8)
+        if key in entries:
+            _log.warning("%s: duplicate entry: %r; the first value is kept", where, key)
+            continue
+        entries[key] = value
+    return entries
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _FileState:
+    """What identifies one version of a file; any change means "re-read it"."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    # ctime also moves on chmod, so fixing an unreadable file's permissions
+    # triggers a reload even though its contents (and mtime) did not change.
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, result: os.stat_result) -> _FileState:
+        return cls(
+            result.st_dev, result.st_ino, result.st_size, result.st_mtime_ns, result.st_ctime_ns
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    state: _FileState
+    entries: dict[bytes, bytes]
+
+
+def _read_snapshot(path: str, *, fold: bool, smtputf8: bool) -> _Snapshot:
+    """Read and parse the file (blocking). The state is taken from the open file,
+    so an edit that lands after the read is still noticed by the next check."""
+    with open(path, "rb") as file:
+        state = _FileState.of(os.fstat(file.fileno()))
+        data = file.read()
+    return _Snapshot(state, parse_texthash(data, source=path, fold=fold, smtputf8=smtputf8))
+
+
+def _current_state(path: str) -> _FileState | None:
+    try:
+        return _FileState.of(os.stat(path))
+    except OSError:
+        return None
+
+
+class TexthashMap:
+    """A ``texthash:`` table (TH-1 .. TH-6), re-read when its file changes.
+
+    Args:
+      spec: the table as configured, e.g. ``texthash:/etc/postfix/backup``.
+      path: the file to read (already resolved against the config directory).
+      fold: case-fold stored keys (backup tables); False keeps them as
+        written (domain tables, DOM-6).
+      smtputf8: Unicode folding and the G-6 value check when true.
+
+    Raises:
+      MapError: if the file cannot be read at open.
+    """
+
+    def __init__(self, spec: str, path: str, *, fold: bool, smtputf8: bool = True) -> None:
+        self._spec = spec
+        self._path = path
+        self._fold = fold
+        self._smtputf8 = smtputf8
+        try:
+            snapshot = _read_snapshot(path, fold=fold, smtputf8=smtputf8)
+        except OSError as exc:
+            raise MapError(f"table {spec}: cannot open {path}: {exc.strerror or exc}") from exc
+        self._entries = snapshot.entries
+        # The state of the last load attempt, good or bad: a reload happens
+        # only when the file differs from it, so a broken file is reported
+        # once, not every second.
+        self._attempted_state: _FileState | None = snapshot.state
+        self._next_check = -math.inf
+        self._reloading = False
+
+    @property
+    def spec(self) -> str:
+        """The table as written in the configuration."""
+        return self._spec
+
+    @property
+    def path(self) -> str:
+        """The file the table is read from."""
+        return self._path
+
+    async def lookup(self, key: bytes) -> Outcome:
+        """Look up ``key`` as given (the caller folds it when the table folds).
+
+        Args:
+          key: the lookup key.
+
+        Returns:
+          ``Found(value)``, ``NOT_FOUND``, or ``ConfigFailure`` for a value
+          that is not UTF-8 under SMTPUTF8 (G-6). Never raises.
+        """
+        await self._reload_if_changed()
+        value = self._entries.get(key)
+        if value is None:
+            return NOT_FOUND
+        return found_value(value, smtputf8=self._smtputf8, spec=self._spec)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Iterate over (key, value) in file order (TH-6, for first/next).
+
+        Keys are as stored, i.e. folded when the table folds. The iteration
+        works on the contents current when it started, so a reload during
+        it cannot disturb it.
+        """
+        return iter(list(self._entries.items()))
+
+    async def aclose(self) -> None:
+        """Nothing to release: the file is closed right after each read."""
+
+    async def _reload_if_changed(self) -> None:
+        now = trio.current_time()
+        if self._reloading or now < self._next_check:
+            return
+        self._next_check = now + RELOAD_CHECK_INTERVAL
+        state = _current_state(self._path)
+        if state == self._attempted_state:
+            return
+        if state is None:
+            self._attempted_state = None
+            _log.warning(
+                "table %s: cannot stat %s; keeping the previous contents", self._spec, self._path
+            )
+            return
+        self._reloading = True
+        try:
+            snapshot = await trio.to_thread.run_sync(self._read_in_thread, limiter=_RELOAD_LIMITER)
+        except OSError as exc:
+            self._attempted_state = state
+            _log.warning(
+                "table %s: cannot re-read %s: %s; keeping the previous contents",
+                self._spec,
+                self._path,
+                exc.strerror or exc,
+            )
+            return
+        finally:
+            self._reloading = False
+        self._attempted_state = snapshot.state
+        self._entries = snapshot.entries
+        _log.info("table %s: re-read %s (%d entries)", self._spec, self._path, len(self._entries))
+
+    def _read_in_thread(self) -> _Snapshot:
+        return _read_snapshot(self._path, fold=self._fold, smtputf8=self._smtputf8)
