@@ -1,0 +1,377 @@
+"""Listeners and connections: the only place the bridge talks to Postfix.
+
+Theory of operation
+-------------------
+:class:`BridgeServer` binds every configured listener, reports readiness
+through ``task_status.started()`` once all of them are bound, and runs one
+accept loop per listening socket. Each accepted connection gets a task
+that feeds bytes into the listener's sans-I/O protocol object
+(socketmap or tcp_table) and answers requests strictly in order, one at a
+time, which is all Postfix clients do (SM-13) and keeps pipelined
+requests ordered.
+
+Tables are looked up through :attr:`BridgeServer.tables` at request time,
+so a reload (SIGHUP) swaps the whole set of tables between two requests
+without dropping a connection.
+
+Resource handling
+-----------------
+* Each listener has a connection cap; when it is reached the accept loop
+  waits for a slot instead of accepting (the kernel backlog queues).
+* Every read waits at most ``idle_timeout`` (socketmap default 100 s,
+  tcp never: closing a tcp_table connection costs Postfix a 1 s sleep,
+  TCP-12); every write at most :data:`WRITE_TIMEOUT`.
+* Shutdown stops the accept loops, interrupts connections that are
+  waiting for a request, lets every request already received be answered,
+  and then closes the connections.
+
+Error handling
+--------------
+A malformed request closes that connection only (after a PERM/400 reply
+where the framing still allows one). Backend failures are outcomes
+(TEMP/TIMEOUT), never exceptions. An unexpected exception in one
+connection is logged and closes that connection; the server keeps going.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket as stdlib_socket
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
+from bridge.endpoint import InetEndpoint, UnixEndpoint
+from bridge.outcome import ConfigFailure, Outcome
+from bridge.protocol import socketmap, tcptable
+from bridge.protocol.netstring import NEED_DATA, ConnectionClosed
+from bridge.table import Table, close_tables, open_tables
+
+_log = logging.getLogger("bridge.server")
+
+#: How long a reply may take to leave. Postfix waits 100 s per read
+#: (SM-12, TCP-9); a client that does not read for that long is gone.
+WRITE_TIMEOUT = 100.0
+
+#: How long shutdown waits for requests already received to be answered.
+#: A lookup is bounded by timeout * max_try + retry_pause * (max_try - 1)
+#: (5 s with the defaults), so this leaves room for slow backends.
+SHUTDOWN_GRACE = 30.0
+
+#: How long replaced tables stay open after a reload, so that lookups
+#: that started before the reload can finish with them.
+RELOAD_GRACE = 60.0
+
+#: Bytes read from a client at a time; a socketmap request is small.
+_RECEIVE_SIZE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class BoundListener:
+    """One listening socket and the configuration it came from."""
+
+    config: ListenerConfig
+    listener: trio.SocketListener
+
+    @property
+    def address(self) -> str:
+        sockname = self.listener.socket.getsockname()
+        if isinstance(sockname, tuple):
+            host, port = sockname[0], sockname[1]
+            return str(InetEndpoint(host, port))
+        return f"unix:{sockname}"
+
+
+class BridgeServer:
+    """Serve the configured listeners until :meth:`shutdown` is called."""
+
+    def __init__(self, config: BridgeConfig, tables: Mapping[str, Table]) -> None:
+        self.config = config
+        self.tables: Mapping[str, Table] = tables
+        self._shutting_down = False
+        self._accept_scope: trio.CancelScope | None = None
+        # Cancel scopes of connections that are waiting for the next
+        # request: shutdown cancels these, never a request in progress.
+        self._waiting: set[trio.CancelScope] = set()
+        self._background: trio.Nursery | None = None
+        # Tables replaced by a reload, closed after RELOAD_GRACE or at exit.
+        self._retired: list[Mapping[str, Table]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind every listener, report the bound addresses, and serve.
+
+        Args:
+          task_status: receives the list of bound addresses once every
+            listener is bound.
+
+        Raises:
+          OSError: a listener cannot be bound (nothing is served then).
+        """
+        bound = await self._bind_all()
+        async with trio.open_nursery() as background:
+            self._background = background
+            async with trio.open_nursery() as connections:
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scope = accept_scope
+                    if self._shutting_down:
+                        accept_scope.cancel()
+                    async with trio.open_nursery() as acceptors:
+                        for item in bound:
+                            acceptors.start_soon(self._accept_loop, item, connections)
+                        task_status.started([item.address for item in bound])
+                for item in bound:
+                    await item.listener.aclose()
+                self._unlink_unix_sockets()
+                # Connections finish the request in hand and return; the
+                # deadline only ends those stuck on a slow backend or client.
+                connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+            background.cancel_scope.cancel()
+        for tables in [*self._retired, self.tables]:
+            await close_tables(tables)
+
+    def shutdown(self) -> None:
+        """Stop accepting, let requests already received finish, then return from serve()."""
+        if self._shutting_down:
+            return
+        _log.info("shutting down")
+        self._shutting_down = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        for scope in list(self._waiting):
+            scope.cancel()
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and swap in the new tables.
+
+        Returns:
+          True if the new configuration is now in use; False if it was
+          invalid (the old one keeps running; the errors are logged).
+        """
+        path = self.config.path
+        try:
+            config = load_config(path)
+            tables = open_tables(config)
+        except ConfigError as exc:
+            _log.error("reload of %s failed, keeping the running configuration:\n%s", path, exc)
+            return False
+        if config.listeners != self.config.listeners:
+            _log.warning("reload: listener changes take effect only after a restart")
+        old_tables = self.tables
+        self.config, self.tables = config, tables
+        _log.info("reloaded %s: %d tables", path, len(tables))
+        if self._background is not None:
+            self._background.start_soon(self._close_later, old_tables)
+        return True
+
+    async def _close_later(self, tables: Mapping[str, Table]) -> None:
+        self._retired.append(tables)
+        await trio.sleep(RELOAD_GRACE)
+        self._retired.remove(tables)
+        await close_tables(tables)
+
+    # ------------------------------------------------------------- binding
+
+    async def _bind_all(self) -> list[BoundListener]:
+        bound: list[BoundListener] = []
+        try:
+            for config in self.config.listeners:
+                for listener in await _bind(config):
+                    bound.append(BoundListener(config, listener))
+        except BaseException:
+            for item in bound:
+                await item.listener.aclose()
+            raise
+        return bound
+
+    def _unlink_unix_sockets(self) -> None:
+        for config in self.config.listeners:
+            if isinstance(config.endpoint, UnixEndpoint):
+                with contextlib.suppress(OSError):
+                    os.unlink(config.endpoint.path)
+
+    # ----------------------------------------------------------- accepting
+
+    async def _accept_loop(self, item: BoundListener, connections: trio.Nursery) -> None:
+        slots = trio.Semaphore(item.config.max_connections)
+        while True:
+            await slots.acquire()
+            try:
+                stream = await item.listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                    _log.error("accept on %s: %s; pausing", item.address, exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            except BaseException:
+                slots.release()
+                raise
+            connections.start_soon(self._connection, stream, item.config, slots.release)
+
+    # ---------------------------------------------------------- connection
+
+    async def _connection(
+        self, stream: trio.SocketStream, config: ListenerConfig, release: Callable[[], None]
+    ) -> None:
+        try:
+            await _HANDLERS[config.protocol](self, stream, config)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except trio.TooSlowError:
+            _log.info("closing connection: client did not read its reply in %ss", WRITE_TIMEOUT)
+        except Exception:
+            _log.exception("connection on %s failed", config.endpoint)
+        finally:
+            release()
+            await trio.aclose_forcefully(stream)
+
+    async def _receive(self, stream: trio.SocketStream, idle_timeout: float) -> bytes | None:
+        """Wait for bytes from the client.
+
+        Returns:
+          The bytes, b"" at end of stream, or None when the connection
+          should close (idle timeout or shutdown).
+        """
+        if self._shutting_down:
+            return None
+        with trio.CancelScope() as scope:
+            if idle_timeout > 0:
+                scope.deadline = trio.current_time() + idle_timeout
+            self._waiting.add(scope)
+            try:
+                return await stream.receive_some(_RECEIVE_SIZE)
+            finally:
+                self._waiting.discard(scope)
+        return None
+
+    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+        with trio.fail_after(WRITE_TIMEOUT):
+            await stream.send_all(data)
+
+    async def lookup(self, table_name: str, key: bytes) -> Outcome:
+        table = self.tables.get(table_name)
+        if table is None:
+            return ConfigFailure(f"no table named {table_name!r}")
+        return await table.lookup(key)
+
+
+_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _serve_socketmap(
+    server: BridgeServer, stream: trio.SocketStream, config: ListenerConfig
+) -> None:
+    protocol = socketmap.SocketmapServerProtocol()
+    while True:
+        event = protocol.next_event()
+        if event is NEED_DATA:
+            data = await server._receive(stream, config.idle_timeout)
+            if data is None:
+                return
+            protocol.receive_data(data)
+        elif isinstance(event, ConnectionClosed):
+            return
+        elif isinstance(event, socketmap.BadRequest):
+            _log.warning("socketmap request from %s: %s", _peer(stream), event.reason)
+            await server._send(stream, socketmap.encode_reply(ConfigFailure(event.reason)))
+            if event.fatal:
+                return
+        else:
+            outcome = await server.lookup(event.name, event.key)
+            await server._send(stream, socketmap.encode_reply(outcome))
+
+
+async def _serve_tcp(
+    server: BridgeServer, stream: trio.SocketStream, config: ListenerConfig
+) -> None:
+    protocol = tcptable.TcpTableServerProtocol()
+    assert config.table is not None
+    while True:
+        event = protocol.next_event()
+        if event is NEED_DATA:
+            data = await server._receive(stream, config.idle_timeout)
+            if data is None:
+                return
+            protocol.receive_data(data)
+        elif isinstance(event, ConnectionClosed):
+            return
+        elif isinstance(event, tcptable.TcpBadRequest):
+            _log.warning("tcp_table request from %s: %s", _peer(stream), event.reason)
+            await server._send(stream, tcptable.encode_bad_request(event))
+            if event.fatal:
+                return
+        else:
+            outcome = await server.lookup(config.table, event.key)
+            await server._send(stream, tcptable.encode_reply(outcome))
+
+
+_HANDLERS = {"socketmap": _serve_socketmap, "tcp": _serve_tcp}
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
+
+
+# ---------------------------------------------------------------- binding
+
+
+async def _bind(config: ListenerConfig) -> list[trio.SocketListener]:
+    endpoint = config.endpoint
+    if isinstance(endpoint, InetEndpoint):
+        return await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
+    return [await _bind_unix(endpoint.path)]
+
+
+async def _bind_unix(path: str) -> trio.SocketListener:
+    """Bind a unix socket, replacing a stale socket file but never another file."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(stdlib_socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+# ---------------------------------------------------------------- signals
+
+
+async def serve_until_signalled(config: BridgeConfig, tables: Mapping[str, Table]) -> None:
+    """Run the server; SIGHUP reloads, SIGTERM and SIGINT shut down cleanly."""
+    server = BridgeServer(config, tables)
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.serve)
+            _log.info("ready: listening on %s", ", ".join(addresses))
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await server.reload()
+                    else:
+                        server.shutdown()
+                        return
+
+            nursery.start_soon(watch_signals)

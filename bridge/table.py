@@ -1,0 +1,223 @@
+"""One memcache_table(5) table at run time: the lookup algorithm.
+
+Theory of operation
+-------------------
+A lookup takes the key exactly as Postfix sent it over socketmap or tcp
+and answers as Postfix's own ``memcache:`` client would (spec MC-13,
+MC-16, MC-21)::
+
+    non-UTF-8 key (smtputf8)        -> NOTFOUND              (G-6)
+    fold case (fold_case)                                    (CASE-2)
+    for each address-search form of the key (default: the key itself):
+        empty key                   -> skip                  (MC-13.1)
+        domain filter: no match     -> skip                  (DOM-1..6)
+                       table error  -> that error, stop
+        key_format / key_digest / validation: suppressed -> skip (MC-13.4-7)
+        memcache get                -> value: answer it
+                                    -> miss or error: ask the backup (MC-16)
+        backup has it               -> refill memcache (best effort), answer it
+        error (memcache without backup, or backup) -> answer the error, stop
+    nothing found                   -> NOTFOUND
+
+"skip" is Postfix's silent suppression: the key is not sent to memcache
+and the backup is not consulted (MC-14). With a backup, a memcache error
+is masked exactly as Postfix masks it: the backup's answer stands.
+
+Error handling
+--------------
+No exception escapes :meth:`Table.lookup` for backend trouble; the
+outcome carries it. A value that is not valid UTF-8 is a configuration
+error when ``smtputf8`` is on, because Postfix would reject it (G-6).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
+from bridge.keys import address_search_keys, fold_key, make_digest, memcache_key
+from bridge.maps import open_map
+from bridge.maps.base import LookupMap, MapError
+from bridge.memcache.client import MemcacheClient, MemcacheSettings
+from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
+
+_log = logging.getLogger("bridge.table")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class Table:
+    """A configured table with its memcache client, backup and domain tables."""
+
+    def __init__(
+        self,
+        config: TableConfig,
+        memcache: MemcacheClient,
+        backup: LookupMap | None,
+        domain_maps: Mapping[str, LookupMap],
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._memcache = memcache
+        self._backup = backup
+        self._domain_maps = dict(domain_maps)
+        self._digest = make_digest(config.key_digest) if config.key_digest else None
+        self._delimiter = config.recipient_delimiter.encode("utf-8")
+        folded_domains = (
+            fold_key(d.encode("utf-8"), smtputf8=config.smtputf8) for d in config.local_domains
+        )
+        self._local_domains = frozenset(d for d in folded_domains if d is not None)
+        # The default address search is the key alone; skip the generator then.
+        self._plain_search = config.address_search == ("full",)
+
+    @classmethod
+    def open(cls, config: TableConfig) -> Table:
+        """Open the backup and domain tables and create the memcache client.
+
+        Raises:
+          ConfigError: a backup or domain table cannot be opened; the
+          problem names the table and the key.
+        """
+        problems: list[ConfigProblem] = []
+        backup: LookupMap | None = None
+        if config.backup:
+            try:
+                backup = open_map(
+                    config.backup, fold=True, smtputf8=config.smtputf8, base_dir=config.base_dir
+                )
+            except MapError as exc:
+                problems.append(ConfigProblem(config.source, config.name, "backup", str(exc)))
+        domain_maps: dict[str, LookupMap] = {}
+        for spec in config.domain.table_specs if config.domain else ():
+            try:
+                # DOM-6: domain tables are opened without case folding.
+                domain_maps[spec] = open_map(
+                    spec, fold=False, smtputf8=config.smtputf8, base_dir=config.base_dir
+                )
+            except MapError as exc:
+                problems.append(ConfigProblem(config.source, config.name, "domain", str(exc)))
+        if problems:
+            raise ConfigError(problems)
+        settings = MemcacheSettings(
+            timeout=config.timeout,
+            max_try=config.max_try,
+            retry_pause=config.retry_pause,
+            line_size_limit=config.line_size_limit,
+            data_size_limit=config.data_size_limit,
+        )
+        return cls(config, MemcacheClient(config.memcache, settings), backup, domain_maps)
+
+    async def aclose(self) -> None:
+        await self._memcache.aclose()
+        if self._backup is not None:
+            await self._backup.aclose()
+        for table in self._domain_maps.values():
+            await table.aclose()
+
+    # --------------------------------------------------------------- lookup
+
+    async def lookup(self, key: bytes) -> Outcome:
+        """Answer one lookup as Postfix's memcache client would.
+
+        Args:
+          key: the key exactly as Postfix sent it.
+
+        Returns:
+          Found, NOT_FOUND, Retry or ConfigFailure.
+        """
+        config = self.config
+        # Postfix keys are C strings: a NUL can never be part of one, so a
+        # key carrying one cannot exist in any Postfix table.
+        if b"\0" in key:
+            return NOT_FOUND
+        if config.fold_case:
+            folded = fold_key(key, smtputf8=config.smtputf8)
+            if folded is None:  # not UTF-8 while smtputf8 is on (G-6)
+                return NOT_FOUND
+            key = folded
+        elif config.smtputf8 and not _is_utf8(key):
+            return NOT_FOUND
+        if self._plain_search:
+            return await self._lookup_form(key)
+        for candidate in address_search_keys(
+            key,
+            config.address_search,
+            delimiter=self._delimiter,
+            local_domains=self._local_domains,
+        ):
+            outcome = await self._lookup_form(candidate)
+            if not isinstance(outcome, NotFound):
+                return outcome
+        return NOT_FOUND
+
+    async def _lookup_form(self, key: bytes) -> Outcome:
+        """MC-13 + MC-16 for one key (already folded)."""
+        config = self.config
+        if not key:
+            return NOT_FOUND
+        if config.domain is not None:
+            eligible = await config.domain.check(key, self._domain_lookup)
+            if eligible is not True:
+                return NOT_FOUND if eligible is False else eligible
+        mc_key = memcache_key(key, config.key_format, self._digest)
+        if mc_key is None:
+            return NOT_FOUND
+        cached = await self._memcache.get(mc_key)
+        if isinstance(cached, bytes):
+            return self._found(cached)
+        if self._backup is None:
+            return NOT_FOUND if cached is None else cached
+        if isinstance(cached, Retry):
+            _log.info("table %s: %s; answering from backup", self.name, cached.reason)
+        backed = await self._backup.lookup(key)
+        if isinstance(backed, Found):
+            await self._refill(mc_key, backed.value)
+            return self._found(backed.value)
+        return backed
+
+    async def _refill(self, mc_key: bytes, value: bytes) -> None:
+        """MC-16: copy a backup hit into memcache; a failure is only logged."""
+        stored = await self._memcache.set(
+            mc_key, value, flags=self.config.flags, ttl=self.config.ttl
+        )
+        if isinstance(stored, Retry):
+            _log.warning("table %s: refill failed: %s", self.name, stored.reason)
+
+    def _found(self, value: bytes) -> Outcome:
+        if self.config.smtputf8 and not _is_utf8(value):
+            return ConfigFailure(f"table {self.name}: value is not valid UTF-8")
+        return Found(value)
+
+    async def _domain_lookup(self, spec: str, domain: bytes) -> Outcome:
+        return await self._domain_maps[spec].lookup(domain)
+
+
+async def close_tables(tables: Mapping[str, Table]) -> None:
+    """Close every table's connections and files."""
+    for table in tables.values():
+        await table.aclose()
+
+
+def open_tables(config: BridgeConfig) -> dict[str, Table]:
+    """Open every table of a configuration.
+
+    Raises:
+      ConfigError: listing every table that could not be opened.
+    """
+    tables: dict[str, Table] = {}
+    problems: list[ConfigProblem] = []
+    for name, table_config in config.tables.items():
+        try:
+            tables[name] = Table.open(table_config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return tables

@@ -1,0 +1,149 @@
+"""The trio memcache client: real memcached, and scripted misbehaving servers (MC-11).
+
+The scripted servers are real TCP servers on loopback that answer each
+connection from a list of canned replies; they stand in for a broken
+memcache the way the fault proxy does, without faking anything inside the
+client.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import trio
+
+from bridge.endpoint import InetEndpoint
+from bridge.memcache.client import MemcacheClient, MemcacheSettings
+from bridge.outcome import Retry
+from tests.integration.harness import Memcached, closed_port
+
+
+class ScriptedServer:
+    """Answers the n-th connection's first command with replies[n] (None: stall forever)."""
+
+    def __init__(self, replies: Sequence[bytes | None]) -> None:
+        self.replies = list(replies)
+        self.connections = 0
+        self.received: list[bytes] = []
+        self.accepted_at: list[float] = []
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        index = self.connections
+        self.connections += 1
+        self.accepted_at.append(trio.current_time())
+        data = await stream.receive_some(65536)
+        self.received.append(data)
+        reply = self.replies[min(index, len(self.replies) - 1)]
+        if reply is None:
+            await trio.sleep_forever()
+        await stream.send_all(reply)
+        await stream.aclose()
+
+
+@pytest.fixture
+async def scripted(nursery: trio.Nursery) -> AsyncIterator[tuple[ScriptedServer, int]]:
+    server = ScriptedServer([])
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
+    )
+    yield server, listeners[0].socket.getsockname()[1]
+
+
+async def test_real_memcached_get_set_delete(memcached: Memcached) -> None:
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), MemcacheSettings())
+    assert await client.get(b"k") is None
+    assert await client.set(b"k", b"v\r\nEND\r\n", flags=5, ttl=60) is True
+    assert await client.get(b"k") == b"v\r\nEND\r\n"
+    assert memcached.get(b"k") == (5, b"v\r\nEND\r\n")
+    assert await client.delete(b"k") is True
+    assert await client.delete(b"k") is False
+    await client.aclose()
+
+
+async def test_concurrent_distinct_keys_never_cross(memcached: Memcached) -> None:
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), MemcacheSettings())
+    for i in range(50):
+        memcached.set(b"key%d" % i, b"value%d" % i)
+    results: dict[int, object] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await client.get(b"key%d" % i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(one, i)
+    assert results == {i: b"value%d" % i for i in range(50)}
+    await client.aclose()
+
+
+async def test_refused_connection_is_one_attempt_without_pause() -> None:
+    settings = MemcacheSettings(max_try=3, retry_pause=5)
+    client = MemcacheClient(InetEndpoint("127.0.0.1", closed_port()), settings)
+    start = trio.current_time()
+    result = await client.get(b"k")
+    assert isinstance(result, Retry) and not result.timeout
+    # No retry_pause was slept: well under one pause.
+    assert trio.current_time() - start < 4
+
+
+async def test_bad_reply_is_retried_on_a_new_connection(
+    scripted: tuple[ScriptedServer, int],
+) -> None:
+    server, port = scripted
+    server.replies = [b"SERVER_ERROR x\r\n", b"VALUE a 0 3\r\nxyz\r\nEND\r\n"]
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), MemcacheSettings())
+    assert await client.get(b"a") == b"xyz"
+    assert server.connections == 2
+    assert server.received == [b"get a\r\n", b"get a\r\n"]
+    assert server.accepted_at[1] - server.accepted_at[0] >= 1  # retry_pause
+
+
+async def test_persistently_bad_reply_gives_retry_after_max_try(
+    scripted: tuple[ScriptedServer, int],
+) -> None:
+    server, port = scripted
+    server.replies = [b"end\r\n"]
+    settings = MemcacheSettings(max_try=3, retry_pause=1)
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), settings)
+    result = await client.get(b"a")
+    assert isinstance(result, Retry)
+    assert server.connections == 3
+
+
+async def test_stalled_server_times_out_within_bound(
+    scripted: tuple[ScriptedServer, int],
+) -> None:
+    server, port = scripted
+    server.replies = [None]
+    settings = MemcacheSettings(timeout=1, max_try=2, retry_pause=1)
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), settings)
+    start = trio.current_time()
+    result = await client.get(b"a")
+    elapsed = trio.current_time() - start
+    assert isinstance(result, Retry) and result.timeout
+    # timeout * max_try + retry_pause * (max_try - 1), plus a generous margin.
+    assert 2.9 <= elapsed < 3 + 2
+
+
+async def test_value_too_large_for_data_size_limit_is_not_stored(memcached: Memcached) -> None:
+    settings = MemcacheSettings(data_size_limit=5)
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), settings)
+    assert await client.set(b"k", b"123456", flags=0, ttl=0) is False
+    assert memcached.get(b"k") is None
+    assert await client.set(b"k", b"12345", flags=0, ttl=0) is True
+    await client.aclose()
+
+
+async def test_cancelled_request_never_leaves_a_reply_for_the_next(
+    scripted: tuple[ScriptedServer, int],
+) -> None:
+    server, port = scripted
+    server.replies = [None, b"VALUE b 0 1\r\nB\r\nEND\r\n"]
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), MemcacheSettings(timeout=10))
+    with trio.move_on_after(0.5):
+        await client.get(b"a")
+    # The half-done connection was discarded, so this reads its own reply.
+    assert await client.get(b"b") == b"B"
+    assert server.connections == 2

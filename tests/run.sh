@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, unit and integration tests.
+# Installs what the tests need when missing (memcached, Postfix's postmap,
+# a venv with the project's test extras). Usage: bash tests/run.sh [pytest args]
+set -euo pipefail
+source "$(dirname "$0")/../.ci/setup.sh"
+cd "$ROOT"
+
+ensure_packages memcached:memcached postmap:postfix
+ensure_venv test
+
+echo "== ruff"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+echo "== mypy --strict"
+"$VENV/bin/mypy"
+echo "== pytest"
+# CI=true makes any skipped test a failure (tests/conftest.py); pytest's
+# exit status 5 (no tests collected) fails this script like any other.
+"$VENV/bin/python" -m pytest "$@"
