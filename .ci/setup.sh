@@ -43,5 +43,14 @@ ensure_venv() {
     fi
     local spec="$ROOT"
     [ -n "$extras" ] && spec="$ROOT[$extras]"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec"
+    # pip's build backend prints advice about editable installs on every
+    # run; show its output only when the install fails.
+    local log
+    log=$(mktemp)
+    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    rm -f "$log"
 }
