@@ -55,6 +55,7 @@ __all__ = [
     "KeyTemplate",
     "address_search_keys",
     "fold_key",
+    "fold_table_key",
     "is_valid_memcache_key",
     "make_digest",
     "memcache_key",
@@ -354,6 +355,17 @@ def make_digest(name: str) -> Callable[[bytes], bytes]:
 # token in the memcache text protocol, so such a key could not be sent
 # intact (MC-13 step 7, 3.12 rule). Bytes >= 0x80 are neither.
 _INVALID_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def fold_table_key(key: bytes, *, smtputf8: bool = True) -> bytes:
+    """Fold a key stored in a backup table exactly like lookup keys (TH-4 bridge note).
+
+    A stored key that is not valid UTF-8 can never match under SMTPUTF8
+    (such lookup keys are refused before they reach a table, G-6); it is
+    ASCII-lowercased so that it still has one stable form for iteration.
+    """
+    folded = fold_key(key, smtputf8=smtputf8)
+    return key.lower() if folded is None else folded
 
 
 def is_valid_memcache_key(key: bytes) -> bool:

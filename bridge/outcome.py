@@ -52,3 +52,22 @@ Outcome = Found | NotFound | Retry | ConfigFailure
 
 #: Outcomes that are failures: the caller must not treat them as an answer.
 Failure = Retry | ConfigFailure
+
+
+def found_value(value: bytes, *, smtputf8: bool, source: str) -> Found | ConfigFailure:
+    """``Found(value)``, or ConfigFailure for a non-UTF-8 value under SMTPUTF8 (G-6).
+
+    Postfix turns such a found result into a configuration error, so the
+    bridge says so itself, naming where the value came from.
+
+    Args:
+      value: the value bytes, already cut at any NUL.
+      smtputf8: whether SMTPUTF8 checks are on.
+      source: the table, for the failure reason.
+    """
+    if smtputf8:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return ConfigFailure(f"table {source}: value is not valid UTF-8")
+    return Found(value)

@@ -38,6 +38,15 @@ class LogicalLine:
     text: bytes
 
 
+def is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is valid UTF-8: what Postfix's SMTPUTF8 checks demand (G-6)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _is_blank_or_comment(line: bytes) -> bool:
     stripped = line.lstrip(WHITESPACE)
     return not stripped or stripped.startswith(b"#")

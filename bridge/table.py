@@ -40,17 +40,10 @@ from bridge.keys import address_search_keys, fold_key, make_digest, memcache_key
 from bridge.maps import open_map
 from bridge.maps.base import LookupMap, MapError
 from bridge.memcache.client import MemcacheClient, MemcacheSettings
-from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
+from bridge.outcome import NOT_FOUND, Found, NotFound, Outcome, Retry, found_value
+from bridge.postfix_text import is_utf8
 
 _log = logging.getLogger("bridge.table")
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 class Table:
@@ -142,7 +135,7 @@ class Table:
             if folded is None:  # not UTF-8 while smtputf8 is on (G-6)
                 return NOT_FOUND
             key = folded
-        elif config.smtputf8 and not _is_utf8(key):
+        elif config.smtputf8 and not is_utf8(key):
             return NOT_FOUND
         if self._plain_search:
             return await self._lookup_form(key)
@@ -191,9 +184,7 @@ class Table:
             _log.warning("table %s: refill failed: %s", self.name, stored.reason)
 
     def _found(self, value: bytes) -> Outcome:
-        if self.config.smtputf8 and not _is_utf8(value):
-            return ConfigFailure(f"table {self.name}: value is not valid UTF-8")
-        return Found(value)
+        return found_value(value, smtputf8=self.config.smtputf8, source=self.name)
 
     async def _domain_lookup(self, spec: str, domain: bytes) -> Outcome:
         return await self._domain_maps[spec].lookup(domain)

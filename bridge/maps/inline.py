@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from bridge.keys import fold_table_key
 from bridge.maps.base import MapError
 from bridge.maps.static import WHITESPACE_TEXT, strip_braces
-from bridge.maps.texthash import fold_key, found_value
-from bridge.outcome import NOT_FOUND, Outcome
+from bridge.outcome import NOT_FOUND, Outcome, found_value
 
 #: Item separators (Postfix's CHARS_COMMA_SP). Only these split items; VT
 #: and FF do not, although they count as whitespace around ``=``.
@@ -124,7 +124,7 @@ class InlineMap:
         for name, value in pairs.items():
             key = _to_bytes(name)
             if fold:
-                key = fold_key(key, smtputf8=smtputf8)
+                key = fold_table_key(key, smtputf8=smtputf8)
             # Folding can merge keys that differed in case: the later one
             # wins, as for any repeated key (IN-2).
             self._entries[key] = _to_bytes(value)
@@ -147,7 +147,7 @@ class InlineMap:
         value = self._entries.get(key)
         if value is None:
             return NOT_FOUND
-        return found_value(value, smtputf8=self._smtputf8, spec=self._spec)
+        return found_value(value, smtputf8=self._smtputf8, source=self._spec)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Iterate over (key, value) in the order written, keys as stored."""

@@ -11,8 +11,7 @@ This module also holds :func:`strip_braces`, Postfix's ``{ ... }`` rule
 from __future__ import annotations
 
 from bridge.maps.base import MapError
-from bridge.maps.texthash import found_value
-from bridge.outcome import Outcome
+from bridge.outcome import Outcome, found_value
 
 #: Postfix's whitespace (ISSPACE); ``str.strip()`` without arguments would
 #: also strip Unicode spaces, which Postfix keeps.
@@ -98,7 +97,7 @@ class StaticMap:
         Returns:
           ``Found(value)`` (or ``ConfigFailure`` per G-6). Never raises.
         """
-        return found_value(self._value, smtputf8=self._smtputf8, spec=self._spec)
+        return found_value(self._value, smtputf8=self._smtputf8, source=self._spec)
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -13,7 +13,7 @@ Loading (pure, :func:`parse_texthash`):
 * each line is split into key and value by TH-3; broken lines are skipped
   with a warning naming ``file, line N``;
 * with ``fold=True`` the stored keys are case-folded exactly like lookup
-  keys (TH-4 bridge note, CASE-2, G-6), see :func:`fold_key`;
+  keys (TH-4 bridge note, CASE-2, G-6), see :func:`bridge.keys.fold_table_key`;
 * a duplicate key keeps its first value, with a warning (TH-5, postmap's
   "warn" behaviour).
 
@@ -38,9 +38,10 @@ from dataclasses import dataclass
 
 import trio
 
+from bridge.keys import fold_table_key
 from bridge.maps.base import MapError
-from bridge.outcome import NOT_FOUND, ConfigFailure, Found, Outcome
-from bridge.postfix_text import WHITESPACE, logical_lines
+from bridge.outcome import NOT_FOUND, Outcome, found_value
+from bridge.postfix_text import WHITESPACE, is_utf8, logical_lines
 
 _log = logging.getLogger("bridge.maps")
 
@@ -56,48 +57,6 @@ _RELOAD_LIMITER = trio.CapacityLimiter(1)
 
 _BACKSLASH = ord("\\")
 _QUOTE = ord('"')
-
-
-def fold_key(key: bytes, *, smtputf8: bool) -> bytes:
-    """Case-fold a table key the way Postfix folds lookup keys (CASE-2, G-6).
-
-    Args:
-      key: the key bytes.
-      smtputf8: with SMTPUTF8 on, full Unicode case folding (``Straße`` ->
-        ``strasse``); off, ASCII letters only (``CAFÉ`` -> ``cafÉ``).
-
-    Returns:
-      The folded key. A key that is not valid UTF-8 is ASCII-lowercased
-      even with SMTPUTF8 on: Postfix never sends such a lookup key to a
-      table (G-6), so the choice only affects iteration.
-    """
-    if smtputf8:
-        try:
-            text = key.decode("utf-8")
-        except UnicodeDecodeError:
-            return key.lower()
-        return text.casefold().encode("utf-8")
-    return key.lower()
-
-
-def found_value(value: bytes, *, smtputf8: bool, spec: str) -> Outcome:
-    """Turn a value a table produced into ``Found``, applying the G-6 check.
-
-    Args:
-      value: the value bytes, already cut at any NUL.
-      smtputf8: whether SMTPUTF8 is on; only then is the value checked.
-      spec: the table, for the failure reason.
-
-    Returns:
-      ``Found(value)``, or ``ConfigFailure`` when SMTPUTF8 is on and the
-      value is not valid UTF-8 (Postfix turns that found result into CONFIG).
-    """
-    if smtputf8:
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError:
-            return ConfigFailure(f"table {spec}: value is not valid UTF-8")
-    return Found(value)
 
 
 def _key_end(text: bytes) -> int | None:
@@ -143,7 +102,7 @@ def parse_texthash(
     Args:
       data: the whole file.
       source: the file name, for warnings (``source, line N: ...``).
-      fold: case-fold stored keys like lookup keys (:func:`fold_key`).
+      fold: case-fold stored keys like lookup keys (:func:`bridge.keys.fold_table_key`).
       smtputf8: which folding to use when ``fold`` is true.
 
     Returns:
@@ -162,22 +121,14 @@ def parse_texthash(
             # TH-4: stored as written; Postfix only warns about the mix-up.
             _log.warning('%s: record is in "key: value" format; is this an alias file?', where)
         if fold:
-            if smtputf8 and not _is_utf8(key):
+            if smtputf8 and not is_utf8(key):
                 _log.warning("%s: key is not valid UTF-8 and can never be looked up", where)
-            key = fold_key(key, smtputf8=smtputf8)
+            key = fold_table_key(key, smtputf8=smtputf8)
         if key in entries:
             _log.warning("%s: duplicate entry: %r; the first value is kept", where, key)
             continue
         entries[key] = value
     return entries
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +227,7 @@ class TexthashMap:
         value = self._entries.get(key)
         if value is None:
             return NOT_FOUND
-        return found_value(value, smtputf8=self._smtputf8, spec=self._spec)
+        return found_value(value, smtputf8=self._smtputf8, source=self._spec)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Iterate over (key, value) in file order (TH-6, for first/next).

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
+from bridge.postfix_text import is_utf8
 from bridge.protocol.netstring import (
     NEED_DATA,
     ConnectionClosed,
@@ -263,7 +264,7 @@ def parse_socketmap_reply(payload: bytes, *, check_utf8: bool = True) -> Outcome
     status, _, rest = payload.partition(b" ")
     if status == _OK:
         value = rest.partition(b"\0")[0]
-        if check_utf8 and not _is_utf8(value):
+        if check_utf8 and not is_utf8(value):
             return ConfigFailure(
                 f"socketmap server returned a value that is not valid UTF-8: "
                 f"{clean_reason(value)!r}"
@@ -297,11 +298,3 @@ def clean_reason(text: str | bytes) -> str:
     # also strip Unicode spaces.
     stripped = raw.lstrip(" \t\n\v\f\r")[:MAX_REASON_LENGTH]
     return "".join(char if " " <= char <= "~" else "?" for char in stripped)
-
-
-def _is_utf8(value: bytes) -> bool:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True

@@ -39,6 +39,7 @@ from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
+from bridge.postfix_text import is_utf8
 from bridge.protocol.netstring import NEED_DATA, ConnectionClosed, NeedData
 from bridge.protocol.socketmap import clean_reason
 
@@ -361,7 +362,7 @@ def parse_tcp_reply_line(line: bytes, *, check_utf8: bool = True) -> tuple[Outco
     first_digit = line[:1]
     if first_digit == b"2":
         value = text.partition(b"\0")[0]
-        if check_utf8 and not _is_utf8(value):
+        if check_utf8 and not is_utf8(value):
             return ConfigFailure(
                 f"tcp_table server returned a value that is not valid UTF-8: "
                 f"{clean_reason(value)!r}"
@@ -444,11 +445,3 @@ class TcpReplyDecoder:
                 raise TcpTableError("connection closed in the middle of a tcp_table reply")
             raise TcpTableError("connection closed")
         return NEED_DATA
-
-
-def _is_utf8(value: bytes) -> bool:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True

@@ -12,6 +12,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.keys import fold_table_key as fold_key
 from bridge.maps import SUPPORTED_TYPES, MapError, open_map, validate_spec
 from bridge.maps.inline import InlineMap, parse_inline
 from bridge.maps.socketmap import SocketmapMap
@@ -20,11 +21,9 @@ from bridge.maps.tcp import TcpMap
 from bridge.maps.texthash import (
     RELOAD_CHECK_INTERVAL,
     TexthashMap,
-    fold_key,
-    found_value,
     parse_texthash,
 )
-from bridge.outcome import NOT_FOUND, ConfigFailure, Found, Outcome
+from bridge.outcome import NOT_FOUND, ConfigFailure, Found, Outcome, found_value
 from bridge.postfix_text import WHITESPACE
 
 # ----------------------------------------------------------------- helpers
@@ -78,9 +77,9 @@ def test_fold_key_non_utf8_falls_back_to_ascii() -> None:
 
 def test_found_value_checks_utf8_only_with_smtputf8() -> None:
     # G-6: a non-UTF-8 value turns a found result into CONFIG.
-    assert isinstance(found_value(b"\xff", smtputf8=True, spec="t:x"), ConfigFailure)
-    assert found_value(b"\xff", smtputf8=False, spec="t:x") == Found(b"\xff")
-    assert found_value("é".encode(), smtputf8=True, spec="t:x") == Found("é".encode())
+    assert isinstance(found_value(b"\xff", smtputf8=True, source="t:x"), ConfigFailure)
+    assert found_value(b"\xff", smtputf8=False, source="t:x") == Found(b"\xff")
+    assert found_value("é".encode(), smtputf8=True, source="t:x") == Found("é".encode())
 
 
 # ------------------------------------------------------------------ texthash
