@@ -44,6 +44,7 @@ import socket as stdlib_socket
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -51,7 +52,7 @@ from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
 from bridge.endpoint import InetEndpoint, UnixEndpoint
 from bridge.outcome import ConfigFailure, Outcome
 from bridge.protocol import socketmap, tcptable
-from bridge.protocol.netstring import NEED_DATA, ConnectionClosed
+from bridge.protocol.events import NEED_DATA, ConnectionClosed, NeedData
 from bridge.table import Table, close_tables, open_tables
 
 _log = logging.getLogger("bridge.server")
@@ -226,7 +227,7 @@ class BridgeServer:
         self, stream: trio.SocketStream, config: ListenerConfig, release: Callable[[], None]
     ) -> None:
         try:
-            await _HANDLERS[config.protocol](self, stream, config)
+            await _serve_connection(self, stream, config)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.TooSlowError:
@@ -270,10 +271,56 @@ class BridgeServer:
 _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-async def _serve_socketmap(
+Request = socketmap.SocketmapRequest | tcptable.TcpGet
+BadRequest = socketmap.BadRequest | tcptable.TcpBadRequest
+
+
+class _ServerProtocol(Protocol):
+    """What both sans-I/O server protocols offer."""
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> Request | BadRequest | ConnectionClosed | NeedData: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    """What differs between a socketmap and a tcp_table connection."""
+
+    name: str
+    new_protocol: Callable[[], _ServerProtocol]
+    encode_reply: Callable[[Outcome], bytes]
+    encode_bad_request: Callable[[BadRequest], bytes]
+
+
+def _socketmap_bad_request(bad: BadRequest) -> bytes:
+    return socketmap.encode_reply(ConfigFailure(bad.reason))
+
+
+def _tcp_bad_request(bad: BadRequest) -> bytes:
+    assert isinstance(bad, tcptable.TcpBadRequest)
+    return tcptable.encode_bad_request(bad)
+
+
+_DIALECTS = {
+    "socketmap": _Dialect(
+        "socketmap",
+        socketmap.SocketmapServerProtocol,
+        socketmap.encode_reply,
+        _socketmap_bad_request,
+    ),
+    "tcp": _Dialect(
+        "tcp_table", tcptable.TcpTableServerProtocol, tcptable.encode_reply, _tcp_bad_request
+    ),
+}
+
+
+async def _serve_connection(
     server: BridgeServer, stream: trio.SocketStream, config: ListenerConfig
 ) -> None:
-    protocol = socketmap.SocketmapServerProtocol()
+    """Answer one client's requests in order until it leaves or the server stops."""
+    dialect = _DIALECTS[config.protocol]
+    protocol = dialect.new_protocol()
     while True:
         event = protocol.next_event()
         if event is NEED_DATA:
@@ -283,41 +330,17 @@ async def _serve_socketmap(
             protocol.receive_data(data)
         elif isinstance(event, ConnectionClosed):
             return
-        elif isinstance(event, socketmap.BadRequest):
-            _log.warning("socketmap request from %s: %s", _peer(stream), event.reason)
-            await server._send(stream, socketmap.encode_reply(ConfigFailure(event.reason)))
+        elif isinstance(event, socketmap.BadRequest | tcptable.TcpBadRequest):
+            _log.warning("%s request from %s: %s", dialect.name, _peer(stream), event.reason)
+            await server._send(stream, dialect.encode_bad_request(event))
             if event.fatal:
                 return
         else:
-            outcome = await server.lookup(event.name, event.key)
-            await server._send(stream, socketmap.encode_reply(outcome))
-
-
-async def _serve_tcp(
-    server: BridgeServer, stream: trio.SocketStream, config: ListenerConfig
-) -> None:
-    protocol = tcptable.TcpTableServerProtocol()
-    assert config.table is not None
-    while True:
-        event = protocol.next_event()
-        if event is NEED_DATA:
-            data = await server._receive(stream, config.idle_timeout)
-            if data is None:
-                return
-            protocol.receive_data(data)
-        elif isinstance(event, ConnectionClosed):
-            return
-        elif isinstance(event, tcptable.TcpBadRequest):
-            _log.warning("tcp_table request from %s: %s", _peer(stream), event.reason)
-            await server._send(stream, tcptable.encode_bad_request(event))
-            if event.fatal:
-                return
-        else:
-            outcome = await server.lookup(config.table, event.key)
-            await server._send(stream, tcptable.encode_reply(outcome))
-
-
-_HANDLERS = {"socketmap": _serve_socketmap, "tcp": _serve_tcp}
+            # socketmap names the table in each request; a tcp listener serves one.
+            name = event.name if isinstance(event, socketmap.SocketmapRequest) else config.table
+            assert name is not None
+            outcome = await server.lookup(name, event.key)
+            await server._send(stream, dialect.encode_reply(outcome))
 
 
 def _peer(stream: trio.SocketStream) -> str:

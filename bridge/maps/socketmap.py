@@ -38,7 +38,8 @@ import trio
 from bridge.endpoint import Endpoint, EndpointError, InetEndpoint, parse_endpoint
 from bridge.maps.base import MapError
 from bridge.outcome import NOT_FOUND, Outcome, Retry
-from bridge.protocol.netstring import NEED_DATA, NetstringDecoder, NetstringError
+from bridge.protocol.events import NEED_DATA
+from bridge.protocol.netstring import NetstringDecoder, NetstringError
 from bridge.protocol.socketmap import MAX_REPLY_PAYLOAD, encode_request, parse_socketmap_reply
 
 _log = logging.getLogger("bridge.maps")

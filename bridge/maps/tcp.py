@@ -39,7 +39,7 @@ from bridge.endpoint import EndpointError, InetEndpoint, parse_host_port
 from bridge.maps.base import MapError
 from bridge.maps.socketmap import DEFAULT_TIMEOUT, AttemptFailed, ServerConnection
 from bridge.outcome import Outcome, Retry
-from bridge.protocol.netstring import NEED_DATA
+from bridge.protocol.events import NEED_DATA
 from bridge.protocol.tcptable import (
     TcpReplyDecoder,
     TcpTableError,

@@ -48,7 +48,9 @@ import operator
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias
+from typing import Final, TypeAlias
+
+from bridge.protocol.events import NEED_DATA, NeedData
 
 __all__ = [
     "CONNECTION_CLOSED_AFTER_ERROR",
@@ -121,22 +123,6 @@ class MemcacheProtocolError(Exception):
     data after end of stream. Server misbehaviour never raises: it becomes
     a :class:`CommandFailed` event.
     """
-
-
-class _NeedDataType(enum.Enum):
-    NEED_DATA = enum.auto()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: Returned by :meth:`MemcacheClientProtocol.next_event` when no further
-#: reply can be completed from the bytes received so far (or when no
-#: command is outstanding at all).
-NEED_DATA: Final = _NeedDataType.NEED_DATA
-
-#: The type of :data:`NEED_DATA`, for annotations.
-NeedData: TypeAlias = Literal[_NeedDataType.NEED_DATA]
 
 
 @dataclass(frozen=True, slots=True)

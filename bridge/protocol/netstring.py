@@ -37,9 +37,9 @@ tcp_table codec, which has the same receive/next-event shape.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal
+
+from bridge.protocol.events import NEED_DATA, ConnectionClosed, NeedData
 
 __all__ = [
     "MAX_LENGTH_DIGITS",
@@ -58,33 +58,6 @@ __all__ = [
 MAX_LENGTH_DIGITS: Final = 32
 
 _COMMA: Final = ord(",")
-
-
-class _NeedDataType(enum.Enum):
-    NEED_DATA = enum.auto()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: Returned by the ``next_*`` methods of the sans-I/O codecs when the bytes
-#: received so far do not yet hold a complete frame or line.
-NEED_DATA: Final = _NeedDataType.NEED_DATA
-
-#: The type of :data:`NEED_DATA`, for annotations (``bytes | NeedData``).
-NeedData: TypeAlias = Literal[_NeedDataType.NEED_DATA]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The peer has closed its side of the connection; no more events follow.
-
-    ``mid_frame`` is True when the close cut a request short: the bytes of
-    that partial request are dropped unanswered (there is nobody left to
-    read an answer).
-    """
-
-    mid_frame: bool = False
 
 
 class NetstringError(Exception):

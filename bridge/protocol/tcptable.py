@@ -40,7 +40,7 @@ from urllib.parse import unquote_to_bytes
 
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
 from bridge.postfix_text import is_utf8
-from bridge.protocol.netstring import NEED_DATA, ConnectionClosed, NeedData
+from bridge.protocol.events import NEED_DATA, ConnectionClosed, NeedData
 from bridge.protocol.socketmap import clean_reason
 
 __all__ = [

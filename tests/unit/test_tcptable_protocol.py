@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, Outcome, Retry
-from bridge.protocol.netstring import NEED_DATA
+from bridge.protocol.events import NEED_DATA
 from bridge.protocol.tcptable import (
     MAX_REPLY_LINE,
     MAX_REQUEST_LINE,
