@@ -208,3 +208,23 @@ def test_query_command_exit_statuses(memcached: Memcached, tmp_path: Path) -> No
     assert query("down", "k").returncode == 75
     many = query("t", "-", stdin="k\nother\n")
     assert (many.returncode, many.stdout) == (0, "k\tvalue\n")
+
+
+def test_memcached_restart_under_a_running_bridge(
+    write_config: WriteConfig, start_bridge: StartBridge, ports: NextPort
+) -> None:
+    mc_port, sm_port, tcp_port = ports(), ports(), ports()
+    start_bridge(write_config(_config(sm_port, tcp_port, f"inet:127.0.0.1:{mc_port}")))
+    tables = (f"socketmap:inet:127.0.0.1:{sm_port}:aliases", f"tcp:127.0.0.1:{tcp_port}")
+    with run_memcached(mc_port) as memcached:
+        memcached.set(b"aliases:user@example.com", b"first")
+        for table in tables:
+            # Leaves pooled connections to this memcached in the bridge.
+            assert postmap_query("user@example.com", table).outcome == "found:first"
+    # memcached is gone; the pooled connections are dead: TEMP, never NOTFOUND.
+    for table in tables:
+        assert postmap_query("user@example.com", table).outcome == "error"
+    with run_memcached(mc_port) as memcached:
+        memcached.set(b"aliases:user@example.com", b"second")
+        for table in tables:
+            assert postmap_query("user@example.com", table).outcome == "found:second"
