@@ -119,12 +119,10 @@ def run_memcached(port: int | None = None) -> Iterator[Memcached]:
         wait_for_connect("127.0.0.1", port)
         yield Memcached(port, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        # Its contents are throwaway: SIGKILL ends it at once, where
+        # SIGTERM costs ~0.7 s of memcached's own shutdown per server.
+        process.kill()
+        process.wait()
         if process.stderr:
             process.stderr.close()
 
