@@ -54,6 +54,28 @@ Outcome = Found | NotFound | Retry | ConfigFailure
 Failure = Retry | ConfigFailure
 
 
+# Update, delete and sequence report a status instead of a value (G-2):
+# SUCCESS, FAIL (nothing went wrong, but nothing was done: key absent,
+# value not stored, key skipped) or ERROR (Retry / ConfigFailure).
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The update or delete was done (Postfix SUCCESS)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotWritten:
+    """Nothing was done and nothing failed (Postfix FAIL): ``reason`` says why."""
+
+    reason: str
+
+
+WRITTEN: Final = Written()
+
+WriteOutcome = Written | NotWritten | Retry | ConfigFailure
+
+
 def found_value(value: bytes, *, smtputf8: bool, source: str) -> Found | ConfigFailure:
     """``Found(value)``, or ConfigFailure for a non-UTF-8 value under SMTPUTF8 (G-6).
 

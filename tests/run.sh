@@ -7,6 +7,8 @@ source "$(dirname "$0")/../.ci/setup.sh"
 cd "$ROOT"
 
 ensure_packages memcached:memcached postmap:postfix
+# postfix-lmdb ships no command of its own: check for its dictionary plugin.
+if ! postconf -m 2>/dev/null | grep -qx lmdb; then _apt_install postfix-lmdb; fi
 ensure_venv test
 
 echo "== ruff"

@@ -9,9 +9,10 @@ failure becomes ``Retry`` and can never be mistaken for "not found".
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from bridge.outcome import Outcome
+from bridge.outcome import Outcome, WriteOutcome
 
 
 class MapError(ValueError):
@@ -32,4 +33,35 @@ class LookupMap(Protocol):
 
     async def aclose(self) -> None:
         """Release connections or files. Idempotent."""
+        ...
+
+
+class SequenceMap(LookupMap, Protocol):
+    """A table that can list its entries (Postfix first/next, MC-20)."""
+
+    def sequence(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Yield every (key, value) in the table's own order, values cut at NUL.
+
+        Raises:
+          MapError: the table cannot be read (the message says why).
+        """
+        ...
+
+
+class WritableMap(SequenceMap, Protocol):
+    """A table the bridge can change (only ``lmdb:`` today, like Postfix's writable types)."""
+
+    async def update(self, key: bytes, value: bytes) -> WriteOutcome:
+        """Store ``value`` under ``key``, replacing any old value (proxywrite semantics, PX-3).
+
+        Returns ``WRITTEN`` once the change is durable, or Retry/ConfigFailure.
+        """
+        ...
+
+    async def update_many(self, items: Sequence[tuple[bytes, bytes]]) -> WriteOutcome:
+        """Store many entries in one transaction: all of them are durable, or none."""
+        ...
+
+    async def delete(self, key: bytes) -> WriteOutcome:
+        """Remove ``key``: ``WRITTEN``, ``NotWritten`` when absent, or Retry/ConfigFailure."""
         ...
