@@ -249,6 +249,13 @@ PARAMETERS: tuple[Parameter, ...] = (
         "Lowercase keys like a Postfix memcache: table; false for verify/postscreen caches.",
     ),
     Parameter(
+        "writable",
+        "false",
+        None,
+        "boolean",
+        "Allow update, delete and load (like proxy_write_maps); needs a writable backup (lmdb).",
+    ),
+    Parameter(
         "smtputf8",
         "true",
         None,
@@ -412,6 +419,7 @@ class TableConfig:
     retry_pause: int
     timeout: int
     fold_case: bool
+    writable: bool
     smtputf8: bool
     address_search: tuple[str, ...]
     recipient_delimiter: str
@@ -896,6 +904,7 @@ def _table_config(
         retry_pause=_take(values, "retry_pause", int),
         timeout=_take(values, "timeout", int),
         fold_case=_take(values, "fold_case", bool),
+        writable=_take(values, "writable", bool),
         smtputf8=_take(values, "smtputf8", bool),
         address_search=_take(values, "address_search", tuple),
         recipient_delimiter=_take(values, "recipient_delimiter", str),

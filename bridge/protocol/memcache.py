@@ -67,6 +67,7 @@ __all__ = [
     "MemcacheProtocolError",
     "NeedData",
     "Stored",
+    "Version",
     "escape_for_log",
 ]
 
@@ -172,13 +173,29 @@ class CommandFailed:
     reason: str
 
 
-MemcacheEvent: TypeAlias = GetHit | GetMiss | Stored | Deleted | DeleteNotFound | CommandFailed
+@dataclass(frozen=True, slots=True)
+class Version:
+    """A ``version`` was answered with ``VERSION text``.
+
+    Bulk loads send their ``set ... noreply`` commands followed by one
+    ``version``: memcache answers commands in order, so this reply proves
+    that every set before it was processed, and any error line a set
+    produced arrives in its place and fails the barrier.
+    """
+
+    text: bytes
+
+
+MemcacheEvent: TypeAlias = (
+    GetHit | GetMiss | Stored | Deleted | DeleteNotFound | Version | CommandFailed
+)
 
 
 class _Command(enum.Enum):
     GET = enum.auto()
     SET = enum.auto()
     DELETE = enum.auto()
+    VERSION = enum.auto()
 
 
 class _Stage(enum.Enum):
@@ -330,7 +347,9 @@ class MemcacheClientProtocol:
         self._outstanding.append(_Command.GET)
         return b"get " + key + b"\r\n"
 
-    def send_set(self, key: bytes, value: bytes, *, flags: int, ttl: int) -> bytes:
+    def send_set(
+        self, key: bytes, value: bytes, *, flags: int, ttl: int, noreply: bool = False
+    ) -> bytes:
         """Start a ``set`` (MC-7).
 
         The value is sent as it is, whatever bytes it holds: its length is
@@ -342,6 +361,8 @@ class MemcacheClientProtocol:
           value: the value bytes.
           flags: the ``flags`` parameter, sent as a plain decimal (may be negative, MC-4).
           ttl: the ``ttl`` parameter, sent as a plain decimal (may be negative, MC-4).
+          noreply: ask the server not to answer (bulk loads only; follow the
+            batch with :meth:`send_version` to learn whether it went through).
 
         Returns:
           The bytes to write: ``set KEY FLAGS TTL LEN\\r\\n`` + value + ``\\r\\n``.
@@ -353,15 +374,30 @@ class MemcacheClientProtocol:
         """
         _check_token(key, "key")
         # operator.index() refuses floats, which %d would silently truncate.
-        header = b"set %s %d %d %d\r\n" % (
+        header = b"set %s %d %d %d%s\r\n" % (
             key,
             operator.index(flags),
             operator.index(ttl),
             len(value),
+            b" noreply" if noreply else b"",
         )
         self._check_usable()
-        self._outstanding.append(_Command.SET)
+        if not noreply:
+            self._outstanding.append(_Command.SET)
         return header + value + b"\r\n"
+
+    def send_version(self) -> bytes:
+        """Start a ``version`` command: the barrier after ``noreply`` sets.
+
+        Returns:
+          The bytes to write: ``version\\r\\n``.
+
+        Raises:
+          MemcacheProtocolError: the connection is :attr:`broken`.
+        """
+        self._check_usable()
+        self._outstanding.append(_Command.VERSION)
+        return b"version\r\n"
 
     def send_delete(self, key: bytes) -> bytes:
         """Start a ``delete`` (MC-7).
@@ -467,6 +503,9 @@ class MemcacheClientProtocol:
         if command is _Command.SET:
             if text == b"STORED":
                 return Stored()
+        elif command is _Command.VERSION:
+            if text.startswith(b"VERSION "):
+                return Version(text[len(b"VERSION ") :])
         elif text == b"DELETED":
             return Deleted()
         elif text == b"NOT_FOUND":

@@ -458,6 +458,7 @@ def test_defaults(tmp_path: Path) -> None:
         retry_pause=1,
         timeout=2,
         fold_case=True,
+        writable=False,
         smtputf8=True,
         address_search=("full",),
         recipient_delimiter="+",

@@ -25,6 +25,7 @@ from bridge.protocol.memcache import (
     MemcacheEvent,
     MemcacheProtocolError,
     Stored,
+    Version,
     _scan_value_length,
     escape_for_log,
 )
@@ -886,3 +887,30 @@ def test_well_formed_conversation_round_trips(steps: list[_Step], data: st.DataO
     assert events == [step.event for step in steps]
     assert protocol.pending == 0
     assert not protocol.broken
+
+
+# ------------------------------------------------- bulk: noreply + barrier
+
+
+def test_noreply_sets_expect_no_reply_and_version_is_the_barrier() -> None:
+    protocol = MemcacheClientProtocol()
+    sent = protocol.send_set(b"a", b"1", flags=0, ttl=0, noreply=True)
+    sent += protocol.send_set(b"b", b"22", flags=3, ttl=-1, noreply=True)
+    assert sent == b"set a 0 0 1 noreply\r\n1\r\nset b 3 -1 2 noreply\r\n22\r\n"
+    assert protocol.pending == 0
+    assert protocol.send_version() == b"version\r\n"
+    assert protocol.pending == 1
+    protocol.receive_data(b"VERSION 1.6.18\r\n")
+    assert protocol.next_event() == Version(b"1.6.18")
+    assert not protocol.broken
+
+
+def test_an_error_from_a_noreply_set_fails_the_barrier() -> None:
+    protocol = MemcacheClientProtocol()
+    protocol.send_set(b"a", b"1", flags=0, ttl=0, noreply=True)
+    protocol.send_version()
+    protocol.receive_data(b"SERVER_ERROR out of memory storing object\r\nVERSION 1.6\r\n")
+    event = protocol.next_event()
+    assert isinstance(event, CommandFailed)
+    assert "SERVER_ERROR" in event.reason
+    assert protocol.broken
