@@ -33,17 +33,40 @@ error when ``smtputf8`` is on, because Postfix would reject it (G-6).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
 from bridge.keys import address_search_keys, fold_key, make_digest, memcache_key
 from bridge.maps import open_map
-from bridge.maps.base import LookupMap, MapError
+from bridge.maps.base import LookupMap, MapError, SequenceMap, WritableMap
 from bridge.memcache.client import MemcacheClient, MemcacheSettings
-from bridge.outcome import NOT_FOUND, Found, NotFound, Outcome, Retry, found_value
+from bridge.outcome import (
+    NOT_FOUND,
+    WRITTEN,
+    ConfigFailure,
+    Found,
+    NotFound,
+    NotWritten,
+    Outcome,
+    Retry,
+    WriteOutcome,
+    found_value,
+)
 from bridge.postfix_text import is_utf8
 
 _log = logging.getLogger("bridge.table")
+
+
+class NoSequence(Exception):
+    """The table cannot list its entries; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Skip:
+    """MC-13's "skip": the key is not sent to memcache; ``reason`` is for messages."""
+
+    reason: str
 
 
 class Table:
@@ -125,23 +148,14 @@ class Table:
         Returns:
           Found, NOT_FOUND, Retry or ConfigFailure.
         """
-        config = self.config
-        # Postfix keys are C strings: a NUL can never be part of one, so a
-        # key carrying one cannot exist in any Postfix table.
-        if b"\0" in key:
-            return NOT_FOUND
-        if config.fold_case:
-            folded = fold_key(key, smtputf8=config.smtputf8)
-            if folded is None:  # not UTF-8 while smtputf8 is on (G-6)
-                return NOT_FOUND
-            key = folded
-        elif config.smtputf8 and not is_utf8(key):
+        normalized = self._normalize(key)
+        if isinstance(normalized, _Skip):
             return NOT_FOUND
         if self._plain_search:
-            return await self._lookup_form(key)
+            return await self._lookup_form(normalized)
         for candidate in address_search_keys(
-            key,
-            config.address_search,
+            normalized,
+            self.config.address_search,
             delimiter=self._delimiter,
             local_domains=self._local_domains,
         ):
@@ -151,17 +165,12 @@ class Table:
         return NOT_FOUND
 
     async def _lookup_form(self, key: bytes) -> Outcome:
-        """MC-13 + MC-16 for one key (already folded)."""
-        config = self.config
-        if not key:
+        """MC-16 for one key (already normalized)."""
+        mc_key = await self._prepare(key)
+        if isinstance(mc_key, _Skip):
             return NOT_FOUND
-        if config.domain is not None:
-            eligible = await config.domain.check(key, self._domain_lookup)
-            if eligible is not True:
-                return NOT_FOUND if eligible is False else eligible
-        mc_key = memcache_key(key, config.key_format, self._digest)
-        if mc_key is None:
-            return NOT_FOUND
+        if not isinstance(mc_key, bytes):
+            return mc_key
         cached = await self._memcache.get(mc_key)
         if isinstance(cached, bytes):
             return self._found(cached)
@@ -174,6 +183,144 @@ class Table:
             await self._refill(mc_key, backed.value)
             return self._found(backed.value)
         return backed
+
+    # ------------------------------------------------------------ writes
+
+    async def update(self, key: bytes, value: bytes) -> WriteOutcome:
+        """Store ``value`` under ``key`` as Postfix's memcache client does (MC-17, MC-18).
+
+        memcache first (its failure is masked when there is a backup),
+        then the backup, whose result is the result. A key that cannot be
+        used is skipped with a warning naming it and the reason (MC-14).
+
+        Returns:
+          WRITTEN, NotWritten (skipped, value too large without backup,
+          read-only table) or Retry/ConfigFailure.
+        """
+        refused = self._refuse_write()
+        if refused is not None:
+            return refused
+        normalized = self._normalize(key)
+        mc_key = normalized if isinstance(normalized, _Skip) else await self._prepare(normalized)
+        if isinstance(mc_key, _Skip):
+            _log.warning("table %s: skipping update of %r: %s", self.name, key, mc_key.reason)
+            return NotWritten(mc_key.reason)
+        if not isinstance(mc_key, bytes):
+            return mc_key
+        assert isinstance(normalized, bytes)
+        stored = await self._memcache.set(
+            mc_key, value, flags=self.config.flags, ttl=self.config.ttl
+        )
+        result: WriteOutcome
+        if stored is True:
+            result = WRITTEN
+        elif stored is False:
+            result = NotWritten(f"value exceeds data_size_limit {self.config.data_size_limit}")
+        else:
+            result = stored
+        backup = self._writable_backup()
+        if backup is not None:
+            if isinstance(stored, Retry):
+                _log.warning("table %s: %s; updating the backup only", self.name, stored.reason)
+            result = await backup.update(normalized, value)
+        return result
+
+    async def delete(self, key: bytes) -> WriteOutcome:
+        """Delete ``key`` from memcache, then from the backup, whose result wins (MC-19).
+
+        Returns:
+          WRITTEN, NotWritten (absent, skipped silently, read-only table) or
+          Retry/ConfigFailure.
+        """
+        refused = self._refuse_write()
+        if refused is not None:
+            return refused
+        normalized = self._normalize(key)
+        mc_key = normalized if isinstance(normalized, _Skip) else await self._prepare(normalized)
+        if isinstance(mc_key, _Skip):
+            return NotWritten(mc_key.reason)
+        if not isinstance(mc_key, bytes):
+            return mc_key
+        assert isinstance(normalized, bytes)
+        deleted = await self._memcache.delete(mc_key)
+        result: WriteOutcome
+        if deleted is True:
+            result = WRITTEN
+        elif deleted is False:
+            result = NotWritten("not found")
+        else:
+            result = deleted
+        backup = self._writable_backup()
+        if backup is not None:
+            result = await backup.delete(normalized)
+        return result
+
+    def sequence(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Every entry of the backup table, in its own order (MC-20); no key_format applies.
+
+        Raises:
+          NoSequence: the table has no backup, or one that cannot list entries.
+        """
+        if self._backup is None:
+            raise NoSequence(f"table {self.name}: sequence needs a backup table (MC-20)")
+        if not isinstance(self._backup, SequenceMap):
+            raise NoSequence(
+                f"table {self.name}: backup {self._backup.spec} cannot list its entries"
+            )
+        return self._backup.sequence()
+
+    def _refuse_write(self) -> NotWritten | None:
+        if self.config.writable:
+            return None
+        return NotWritten(f"table {self.name} is read-only: set writable = true to change it")
+
+    def _writable_backup(self) -> WritableMap | None:
+        if self._backup is None:
+            return None
+        # Config validation guarantees this for writable tables.
+        assert isinstance(self._backup, WritableMap), self._backup.spec
+        return self._backup
+
+    # ------------------------------------------------------ key preparation
+
+    def _normalize(self, key: bytes) -> bytes | _Skip:
+        """The key as Postfix's memcache table would receive it (G-6, CASE-2)."""
+        config = self.config
+        # Postfix keys are C strings: a NUL can never be part of one, so a
+        # key carrying one cannot exist in any Postfix table.
+        if b"\0" in key:
+            return _Skip("key contains a NUL byte")
+        if config.fold_case:
+            folded = fold_key(key, smtputf8=config.smtputf8)
+            if folded is None:
+                return _Skip("key is not valid UTF-8")
+            return folded
+        if config.smtputf8 and not is_utf8(key):
+            return _Skip("key is not valid UTF-8")
+        return key
+
+    async def _prepare(self, key: bytes) -> bytes | _Skip | Retry | ConfigFailure:
+        """MC-13: the memcache key for ``key``, a skip, or a domain-table failure."""
+        config = self.config
+        if not key:
+            return _Skip("empty key")
+        if config.domain is not None:
+            eligible = await config.domain.check(key, self._domain_lookup)
+            if eligible is False:
+                return _Skip("not an address in a domain listed in domain")
+            if eligible is not True:
+                return eligible
+        mc_key = memcache_key(key, config.key_format, self._digest)
+        if mc_key is None:
+            return _Skip(self._skip_reason(key))
+        return mc_key
+
+    def _skip_reason(self, key: bytes) -> str:
+        """Why memcache_key() skipped ``key``: only computed for messages."""
+        template = self.config.key_format
+        if not template.is_identity and template.expand(key) is None:
+            return f"key_format {template.text!r} cannot be expanded for this key"
+        return "memcache key would be empty or contain whitespace or control characters"
 
     async def _refill(self, mc_key: bytes, value: bytes) -> None:
         """MC-16: copy a backup hit into memcache; a failure is only logged."""

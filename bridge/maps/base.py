@@ -10,7 +10,7 @@ failure becomes ``Retry`` and can never be mistaken for "not found".
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from bridge.outcome import Outcome, WriteOutcome
 
@@ -36,6 +36,7 @@ class LookupMap(Protocol):
         ...
 
 
+@runtime_checkable
 class SequenceMap(LookupMap, Protocol):
     """A table that can list its entries (Postfix first/next, MC-20)."""
 
@@ -48,6 +49,7 @@ class SequenceMap(LookupMap, Protocol):
         ...
 
 
+@runtime_checkable
 class WritableMap(SequenceMap, Protocol):
     """A table the bridge can change (only ``lmdb:`` today, like Postfix's writable types)."""
 
