@@ -29,6 +29,9 @@ _log = logging.getLogger("bridge.config")
 #: Postfix's whitespace set (spec conventions); bytes >= 0x80 never count.
 WHITESPACE = b" \t\n\v\f\r"
 
+_QUOTE = ord('"')
+_BACKSLASH = ord("\\")
+
 
 @dataclass(frozen=True, slots=True)
 class LogicalLine:
@@ -87,3 +90,43 @@ def logical_lines(data: bytes, *, source: str = "<text>") -> Iterator[LogicalLin
         start = index
     if current is not None:
         yield LogicalLine(start, bytes(current))
+
+
+def _key_end(text: bytes) -> int | None:
+    """Where the key of a source line ends (TH-3), or None for an open quote.
+
+    The key ends at the first whitespace byte that is outside double quotes;
+    a backslash makes the byte after it ordinary, quote or whitespace alike.
+    """
+    in_quotes = False
+    index = 0
+    while index < len(text):
+        byte = text[index]
+        if byte == _BACKSLASH:
+            index += 2
+            continue
+        if byte in WHITESPACE and not in_quotes:
+            return index
+        if byte == _QUOTE:
+            in_quotes = not in_quotes
+        index += 1
+    return None if in_quotes else len(text)
+
+
+def split_source_line(text: bytes) -> tuple[bytes, bytes] | str:
+    """Split one logical line of a Postfix source file into key and value (TH-3).
+
+    This is the ``key whitespace value`` format that postmap and texthash
+    read. Quotes and backslashes stay part of the key.
+
+    Returns:
+      ``(key, value)``, or a message saying why the line is unusable.
+    """
+    end = _key_end(text)
+    if end is None:
+        return "unbalanced '\"' in key"
+    key = text[:end].rstrip(WHITESPACE)
+    value = text[end:].strip(WHITESPACE)
+    if not key or not value:
+        return "expected format: key whitespace value"
+    return key, value

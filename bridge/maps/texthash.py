@@ -41,7 +41,7 @@ import trio
 from bridge.keys import fold_table_key
 from bridge.maps.base import MapError
 from bridge.outcome import NOT_FOUND, Outcome, found_value
-from bridge.postfix_text import WHITESPACE, is_utf8, logical_lines
+from bridge.postfix_text import is_utf8, logical_lines, split_source_line
 
 _log = logging.getLogger("bridge.maps")
 
@@ -54,44 +54,6 @@ RELOAD_CHECK_INTERVAL = 1.0
 #: serialising them keeps a burst of edited tables from taking every worker
 #: thread away from other blocking work.
 _RELOAD_LIMITER = trio.CapacityLimiter(1)
-
-_BACKSLASH = ord("\\")
-_QUOTE = ord('"')
-
-
-def _key_end(text: bytes) -> int | None:
-    """Where the key of a texthash line ends (TH-3), or None for an open quote.
-
-    The key ends at the first whitespace byte that is outside double quotes;
-    a backslash makes the byte after it ordinary, quote or whitespace alike.
-    """
-    in_quotes = False
-    index = 0
-    while index < len(text):
-        byte = text[index]
-        if byte == _BACKSLASH:
-            index += 2
-            continue
-        if byte in WHITESPACE and not in_quotes:
-            return index
-        if byte == _QUOTE:
-            in_quotes = not in_quotes
-        index += 1
-    return None if in_quotes else len(text)
-
-
-def _split_line(text: bytes, *, where: str) -> tuple[bytes, bytes] | None:
-    """Split one logical line into key and value (TH-3), or warn and return None."""
-    end = _key_end(text)
-    if end is None:
-        _log.warning("%s: unbalanced '\"' in %r; line ignored", where, text)
-        return None
-    key = text[:end].rstrip(WHITESPACE)
-    value = text[end:].strip(WHITESPACE)
-    if not key or not value:
-        _log.warning("%s: expected format: key whitespace value; line ignored", where)
-        return None
-    return key, value
 
 
 def parse_texthash(
@@ -113,8 +75,9 @@ def parse_texthash(
     entries: dict[bytes, bytes] = {}
     for line in logical_lines(data, source=source):
         where = f"{source}, line {line.lineno}"
-        split = _split_line(line.text, where=where)
-        if split is None:
+        split = split_source_line(line.text)
+        if isinstance(split, str):
+            _log.warning("%s: %s; line ignored", where, split)
             continue
         key, value = split
         if key.endswith(b":"):
