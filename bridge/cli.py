@@ -1,11 +1,11 @@
-"""Command line: ``postfix-bridge serve | check | query``.
+"""Command line: ``postfix-bridge serve | check | query | update | delete | dump | load``.
 
 Exit statuses follow postmap and sysexits(3) so that scripts can tell the
 cases apart:
 
 ====  =====================================================
 0     success (query: found)
-1     query: not found
+1     not found (query, delete), refused (read-only table), bad input lines (load)
 2     usage error (argparse)
 75    query: temporary failure (EX_TEMPFAIL: memcache or backup trouble)
 78    configuration error (EX_CONFIG: the file names table and key)
@@ -17,15 +17,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from bridge import __version__
 from bridge.config import BridgeConfig, ConfigError, load_config
-from bridge.outcome import ConfigFailure, Found, NotFound, Retry
+from bridge.loader import DEFAULT_BATCH_SIZE, ProgressBar, load_entries
+from bridge.maps.base import MapError
+from bridge.outcome import (
+    ConfigFailure,
+    Found,
+    NotFound,
+    NotWritten,
+    Retry,
+    WriteOutcome,
+    Written,
+)
 from bridge.server import serve_until_signalled
-from bridge.table import Table, close_tables, open_tables
+from bridge.table import NoSequence, Table, close_tables, open_tables
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -98,7 +108,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_query(args: argparse.Namespace) -> int:
+TableCommand = Callable[[Table, argparse.Namespace], Awaitable[int]]
+
+
+def _run_on_table(args: argparse.Namespace, command: TableCommand) -> int:
+    """Load the configuration, open it, run ``command`` on the named table, close."""
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
@@ -109,27 +123,110 @@ def _cmd_query(args: argparse.Namespace) -> int:
     tables = _open(config)
     if tables is None:
         return EXIT_CONFIG
-    return trio.run(_query, tables, args.table, args.key)
+
+    async def run() -> int:
+        try:
+            return await command(tables[args.table], args)
+        finally:
+            await close_tables(tables)
+
+    return trio.run(run)
 
 
-async def _query(tables: dict[str, Table], name: str, key: str) -> int:
-    table = tables[name]
+def _key(text: str) -> bytes:
+    # Keys given on the command line keep any undecodable bytes as they were.
+    return text.encode("utf-8", "surrogateescape")
+
+
+async def _query(table: Table, args: argparse.Namespace) -> int:
+    if args.key != "-":
+        return _report(await table.lookup(_key(args.key)), None)
+    # Like ``postmap -q -``: key<TAB>value for each hit, the first
+    # failure ends the run, success when at least one key was found.
+    status = EXIT_NOT_FOUND
+    for line in sys.stdin.buffer:
+        lookup_key = line.rstrip(b"\r\n")
+        result = _report(await table.lookup(lookup_key), lookup_key)
+        if result == EXIT_OK:
+            status = EXIT_OK
+        elif result != EXIT_NOT_FOUND:
+            return result
+    return status
+
+
+async def _update(table: Table, args: argparse.Namespace) -> int:
+    return _report_write(await table.update(_key(args.key), _key(args.value)), "update")
+
+
+async def _delete(table: Table, args: argparse.Namespace) -> int:
+    return _report_write(await table.delete(_key(args.key)), "delete")
+
+
+async def _dump(table: Table, args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
     try:
-        if key != "-":
-            return _report(await table.lookup(key.encode("utf-8", "surrogateescape")), None)
-        # Like ``postmap -q -``: key<TAB>value for each hit, the first
-        # failure ends the run, success when at least one key was found.
-        status = EXIT_NOT_FOUND
-        for line in sys.stdin.buffer:
-            lookup_key = line.rstrip(b"\r\n")
-            result = _report(await table.lookup(lookup_key), lookup_key)
-            if result == EXIT_OK:
-                status = EXIT_OK
-            elif result != EXIT_NOT_FOUND:
-                return result
-        return status
-    finally:
-        await close_tables(tables)
+        async for key, value in table.sequence():
+            out.write(key + b"\t" + value + b"\n")
+    except NoSequence as exc:
+        print(f"postfix-bridge: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except MapError as exc:
+        print(f"postfix-bridge: temporary failure: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    out.flush()
+    return EXIT_OK
+
+
+async def _load_file(table: Table, args: argparse.Namespace) -> int:
+    if not table.config.writable:
+        print(
+            f"postfix-bridge: refused: table {table.name} is read-only "
+            "(set writable = true to change it)",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_FOUND
+    if args.file == "-":
+        data, source = await trio.to_thread.run_sync(sys.stdin.buffer.read), "stdin"
+    else:
+        try:
+            data = await trio.Path(args.file).read_bytes()
+        except OSError as exc:
+            print(f"postfix-bridge: {args.file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        source = args.file
+    progress = ProgressBar() if sys.stderr.isatty() else None
+    report = await load_entries(
+        table,
+        data,
+        source=source,
+        replace=args.replace,
+        batch_size=args.batch_size,
+        progress=progress,
+    )
+    for problem in report.problems[:_MAX_PROBLEMS_SHOWN]:
+        print(f"postfix-bridge: {problem}", file=sys.stderr)
+    if len(report.problems) > _MAX_PROBLEMS_SHOWN:
+        hidden = len(report.problems) - _MAX_PROBLEMS_SHOWN
+        print(f"postfix-bridge: ... and {hidden} more", file=sys.stderr)
+    print(f"postfix-bridge: table {table.name}: {report.summary()}", file=sys.stderr)
+    if report.temporary or report.memcache_failed:
+        return EXIT_TEMPFAIL
+    return EXIT_NOT_FOUND if report.failed else EXIT_OK
+
+
+#: A load of a broken file would otherwise print one line per entry.
+_MAX_PROBLEMS_SHOWN = 20
+
+
+def _report_write(outcome: WriteOutcome, operation: str) -> int:
+    if isinstance(outcome, Written):
+        return EXIT_OK
+    if isinstance(outcome, NotWritten):
+        print(f"postfix-bridge: {operation}: {outcome.reason}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    kind = "temporary failure" if isinstance(outcome, Retry) else "configuration failure"
+    print(f"postfix-bridge: {operation}: {kind}: {outcome.reason}", file=sys.stderr)
+    return EXIT_TEMPFAIL
 
 
 def _report(outcome: object, key: bytes | None) -> int:
@@ -176,7 +273,36 @@ def build_parser() -> argparse.ArgumentParser:
     query = command("query", "look a key up directly in memcache and the backup (no daemon)")
     query.add_argument("table", help="table name")
     query.add_argument("key", help="the key, or - to read keys from stdin (one per line)")
-    query.set_defaults(handler=_cmd_query)
+    query.set_defaults(handler=lambda args: _run_on_table(args, _query))
+
+    update = command("update", "store KEY VALUE in memcache and the backup (writable tables)")
+    update.add_argument("table", help="table name")
+    update.add_argument("key")
+    update.add_argument("value")
+    update.set_defaults(handler=lambda args: _run_on_table(args, _update))
+
+    delete = command("delete", "delete KEY from memcache and the backup (writable tables)")
+    delete.add_argument("table", help="table name")
+    delete.add_argument("key")
+    delete.set_defaults(handler=lambda args: _run_on_table(args, _delete))
+
+    dump = command("dump", "list the backup's entries as key<TAB>value lines")
+    dump.add_argument("table", help="table name")
+    dump.set_defaults(handler=lambda args: _run_on_table(args, _dump))
+
+    load = command("load", "bulk-load a postmap source file into a writable table")
+    load.add_argument("table", help="table name")
+    load.add_argument("file", nargs="?", default="-", help="source file, or - for stdin")
+    load.add_argument(
+        "--replace", action="store_true", help="delete backup entries absent from the file"
+    )
+    load.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"entries per transaction (default {DEFAULT_BATCH_SIZE})",
+    )
+    load.set_defaults(handler=lambda args: _run_on_table(args, _load_file))
     return parser
 
 

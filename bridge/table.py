@@ -33,8 +33,8 @@ error when ``smtputf8`` is on, because Postfix would reject it (G-6).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
 from bridge.keys import address_search_keys, fold_key, make_digest, memcache_key
@@ -51,6 +51,7 @@ from bridge.outcome import (
     Outcome,
     Retry,
     WriteOutcome,
+    Written,
     found_value,
 )
 from bridge.postfix_text import is_utf8
@@ -63,10 +64,32 @@ class NoSequence(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Skip:
+class Skipped:
     """MC-13's "skip": the key is not sent to memcache; ``reason`` is for messages."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedKey:
+    """A key ready for writing: as the backup stores it, and as memcache stores it."""
+
+    key: bytes
+    memcache_key: bytes
+
+
+@dataclass(slots=True)
+class BatchReport:
+    """What one bulk batch did, entry by entry counted."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+    #: written to the backup but not to memcache (lookups refill later)
+    memcache_failed: int = 0
+    #: the failures were temporary (retrying later may succeed)
+    temporary: bool = False
+    problems: list[str] = field(default_factory=list)
 
 
 class Table:
@@ -148,8 +171,8 @@ class Table:
         Returns:
           Found, NOT_FOUND, Retry or ConfigFailure.
         """
-        normalized = self._normalize(key)
-        if isinstance(normalized, _Skip):
+        normalized = self.normalize_key(key)
+        if isinstance(normalized, Skipped):
             return NOT_FOUND
         if self._plain_search:
             return await self._lookup_form(normalized)
@@ -167,7 +190,7 @@ class Table:
     async def _lookup_form(self, key: bytes) -> Outcome:
         """MC-16 for one key (already normalized)."""
         mc_key = await self._prepare(key)
-        if isinstance(mc_key, _Skip):
+        if isinstance(mc_key, Skipped):
             return NOT_FOUND
         if not isinstance(mc_key, bytes):
             return mc_key
@@ -200,16 +223,14 @@ class Table:
         refused = self._refuse_write()
         if refused is not None:
             return refused
-        normalized = self._normalize(key)
-        mc_key = normalized if isinstance(normalized, _Skip) else await self._prepare(normalized)
-        if isinstance(mc_key, _Skip):
-            _log.warning("table %s: skipping update of %r: %s", self.name, key, mc_key.reason)
-            return NotWritten(mc_key.reason)
-        if not isinstance(mc_key, bytes):
-            return mc_key
-        assert isinstance(normalized, bytes)
+        prepared = await self.prepare_key(key)
+        if isinstance(prepared, Skipped):
+            _log.warning("table %s: skipping update of %r: %s", self.name, key, prepared.reason)
+            return NotWritten(prepared.reason)
+        if not isinstance(prepared, PreparedKey):
+            return prepared
         stored = await self._memcache.set(
-            mc_key, value, flags=self.config.flags, ttl=self.config.ttl
+            prepared.memcache_key, value, flags=self.config.flags, ttl=self.config.ttl
         )
         result: WriteOutcome
         if stored is True:
@@ -222,7 +243,7 @@ class Table:
         if backup is not None:
             if isinstance(stored, Retry):
                 _log.warning("table %s: %s; updating the backup only", self.name, stored.reason)
-            result = await backup.update(normalized, value)
+            result = await backup.update(prepared.key, value)
         return result
 
     async def delete(self, key: bytes) -> WriteOutcome:
@@ -235,14 +256,12 @@ class Table:
         refused = self._refuse_write()
         if refused is not None:
             return refused
-        normalized = self._normalize(key)
-        mc_key = normalized if isinstance(normalized, _Skip) else await self._prepare(normalized)
-        if isinstance(mc_key, _Skip):
-            return NotWritten(mc_key.reason)
-        if not isinstance(mc_key, bytes):
-            return mc_key
-        assert isinstance(normalized, bytes)
-        deleted = await self._memcache.delete(mc_key)
+        prepared = await self.prepare_key(key)
+        if isinstance(prepared, Skipped):
+            return NotWritten(prepared.reason)
+        if not isinstance(prepared, PreparedKey):
+            return prepared
+        deleted = await self._memcache.delete(prepared.memcache_key)
         result: WriteOutcome
         if deleted is True:
             result = WRITTEN
@@ -252,8 +271,77 @@ class Table:
             result = deleted
         backup = self._writable_backup()
         if backup is not None:
-            result = await backup.delete(normalized)
+            result = await backup.delete(prepared.key)
         return result
+
+    async def update_batch(self, entries: Sequence[tuple[bytes, bytes]]) -> BatchReport:
+        """Bulk update: MC-18 for many entries, with one backup transaction.
+
+        The backup gets every usable entry in one transaction (durable when
+        this returns, all or nothing); memcache gets them in one pipelined
+        exchange. As in MC-18, a memcache failure is masked by a backup
+        (counted in ``memcache_failed``), and values over
+        ``data_size_limit`` go to the backup only.
+
+        Args:
+          entries: (key as given, value) pairs; keys are prepared here.
+
+        Returns:
+          The counts; ``problems`` lists skipped keys and failures.
+        """
+        report = BatchReport()
+        refused = self._refuse_write()
+        if refused is not None:
+            report.failed = len(entries)
+            report.problems.append(refused.reason)
+            return report
+        to_backup: list[tuple[bytes, bytes]] = []
+        to_memcache: list[tuple[bytes, bytes]] = []
+        for key, value in entries:
+            prepared = await self.prepare_key(key)
+            if isinstance(prepared, Skipped):
+                report.skipped += 1
+                report.problems.append(f"skipped {key!r}: {prepared.reason}")
+            elif not isinstance(prepared, PreparedKey):
+                report.failed += 1
+                report.temporary |= isinstance(prepared, Retry)
+                report.problems.append(f"{key!r}: {prepared.reason}")
+            else:
+                to_backup.append((prepared.key, value))
+                if len(value) <= self.config.data_size_limit:
+                    to_memcache.append((prepared.memcache_key, value))
+                else:
+                    report.problems.append(
+                        f"{key!r}: value exceeds data_size_limit; not stored in memcache"
+                    )
+        backup = self._writable_backup()
+        if backup is not None and to_backup:
+            committed = await backup.update_many(to_backup)
+            if not isinstance(committed, Written):
+                # Nothing of the batch reached the backup: do not let
+                # memcache hold what the persistent table does not.
+                report.failed += len(to_backup)
+                report.temporary |= isinstance(committed, Retry)
+                report.problems.append(f"backup: {_reason(committed)}")
+                return report
+        stored = (
+            await self._memcache.set_many(to_memcache, flags=self.config.flags, ttl=self.config.ttl)
+            if to_memcache
+            else True
+        )
+        if isinstance(stored, Retry):
+            report.temporary = True
+            report.problems.append(stored.reason)
+            if backup is None:
+                report.failed += len(to_backup)
+                return report
+            report.memcache_failed += len(to_memcache)
+        elif backup is None:
+            # Without a backup, only what memcache stored counts.
+            report.skipped += len(to_backup) - len(to_memcache)
+            to_backup = to_memcache
+        report.written += len(to_backup)
+        return report
 
     def sequence(self) -> AsyncIterator[tuple[bytes, bytes]]:
         """Every entry of the backup table, in its own order (MC-20); no key_format applies.
@@ -283,36 +371,51 @@ class Table:
 
     # ------------------------------------------------------ key preparation
 
-    def _normalize(self, key: bytes) -> bytes | _Skip:
+    async def prepare_key(self, key: bytes) -> PreparedKey | Skipped | Retry | ConfigFailure:
+        """The key as the backup and memcache store it (G-6, CASE-2, MC-13).
+
+        Returns:
+          The prepared key, a skip with its reason, or the failure of a
+          domain table.
+        """
+        normalized = self.normalize_key(key)
+        if isinstance(normalized, Skipped):
+            return normalized
+        mc_key = await self._prepare(normalized)
+        if isinstance(mc_key, bytes):
+            return PreparedKey(normalized, mc_key)
+        return mc_key
+
+    def normalize_key(self, key: bytes) -> bytes | Skipped:
         """The key as Postfix's memcache table would receive it (G-6, CASE-2)."""
         config = self.config
         # Postfix keys are C strings: a NUL can never be part of one, so a
         # key carrying one cannot exist in any Postfix table.
         if b"\0" in key:
-            return _Skip("key contains a NUL byte")
+            return Skipped("key contains a NUL byte")
         if config.fold_case:
             folded = fold_key(key, smtputf8=config.smtputf8)
             if folded is None:
-                return _Skip("key is not valid UTF-8")
+                return Skipped("key is not valid UTF-8")
             return folded
         if config.smtputf8 and not is_utf8(key):
-            return _Skip("key is not valid UTF-8")
+            return Skipped("key is not valid UTF-8")
         return key
 
-    async def _prepare(self, key: bytes) -> bytes | _Skip | Retry | ConfigFailure:
+    async def _prepare(self, key: bytes) -> bytes | Skipped | Retry | ConfigFailure:
         """MC-13: the memcache key for ``key``, a skip, or a domain-table failure."""
         config = self.config
         if not key:
-            return _Skip("empty key")
+            return Skipped("empty key")
         if config.domain is not None:
             eligible = await config.domain.check(key, self._domain_lookup)
             if eligible is False:
-                return _Skip("not an address in a domain listed in domain")
+                return Skipped("not an address in a domain listed in domain")
             if eligible is not True:
                 return eligible
         mc_key = memcache_key(key, config.key_format, self._digest)
         if mc_key is None:
-            return _Skip(self._skip_reason(key))
+            return Skipped(self._skip_reason(key))
         return mc_key
 
     def _skip_reason(self, key: bytes) -> str:
@@ -335,6 +438,10 @@ class Table:
 
     async def _domain_lookup(self, spec: str, domain: bytes) -> Outcome:
         return await self._domain_maps[spec].lookup(domain)
+
+
+def _reason(outcome: WriteOutcome) -> str:
+    return "done" if isinstance(outcome, Written) else outcome.reason
 
 
 async def close_tables(tables: Mapping[str, Table]) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -51,6 +51,7 @@ from bridge.protocol.memcache import (
     MemcacheClientProtocol,
     MemcacheEvent,
     Stored,
+    Version,
 )
 
 _log = logging.getLogger("bridge.memcache")
@@ -163,6 +164,35 @@ class MemcacheClient:
             )
             return False
         result = await self._run(lambda p: p.send_set(key, value, flags=flags, ttl=ttl), (Stored,))
+        return result if isinstance(result, Retry) else True
+
+    async def set_many(
+        self, items: Sequence[tuple[bytes, bytes]], *, flags: int, ttl: int
+    ) -> bool | Retry:
+        """Store many values in one pipelined exchange (bulk load).
+
+        Every ``set`` goes out with ``noreply``, followed by one
+        ``version``: its reply proves that memcache processed the batch,
+        and an error line from any set takes its place and fails the
+        attempt. The whole batch then goes round MC-11's loop again (sets
+        are idempotent). Values over ``data_size_limit`` must have been
+        left out by the caller.
+
+        Returns:
+          True when memcache processed every set, or :class:`Retry`.
+        """
+        limit = self.settings.data_size_limit
+        assert all(len(value) <= limit for _, value in items), "oversized value in batch"
+
+        def encode(protocol: MemcacheClientProtocol) -> bytes:
+            parts = [
+                protocol.send_set(key, value, flags=flags, ttl=ttl, noreply=True)
+                for key, value in items
+            ]
+            parts.append(protocol.send_version())
+            return b"".join(parts)
+
+        result = await self._run(encode, (Version,))
         return result if isinstance(result, Retry) else True
 
     async def delete(self, key: bytes) -> bool | Retry:
