@@ -307,7 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # argparse leaves an optional positional that follows an option
+    # unassigned ("load TABLE --replace FILE"): take it here.
+    if len(extras) == 1 and getattr(args, "file", None) == "-" and not extras[0].startswith("--"):
+        args.file = extras.pop()
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     status: int = args.handler(args)
     return status
 

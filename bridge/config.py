@@ -642,12 +642,12 @@ def _endpoint(setting: _Setting) -> Endpoint:
         raise _Invalid(str(exc)) from None
 
 
-def _table_spec(setting: _Setting) -> str | None:
+def _table_spec(setting: _Setting, *, writable: bool = False) -> str | None:
     text = _text(setting.value).strip()
     if not text:
         return None  # MC-3: "backup =" means no backup.
     try:
-        validate_spec(text, base_dir=setting.base_dir)
+        validate_spec(text, base_dir=setting.base_dir, writable=writable)
     except MapError as exc:
         raise _Invalid(str(exc)) from None
     return text
@@ -875,6 +875,9 @@ def _convert_settings(
     # The domain list folds its literals, so it needs the table's smtputf8.
     smtputf8 = values.get("smtputf8") is not False
     convert("domain", lambda setting: _domain_filter(setting, smtputf8=smtputf8))
+    # writable needs a backup type the bridge can write (like proxywrite, PX-2).
+    if values.get("writable") is True and isinstance(values.get("backup"), str):
+        convert("backup", lambda setting: _table_spec(setting, writable=True))
     return values, problems
 
 

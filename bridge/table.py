@@ -129,7 +129,11 @@ class Table:
         if config.backup:
             try:
                 backup = open_map(
-                    config.backup, fold=True, smtputf8=config.smtputf8, base_dir=config.base_dir
+                    config.backup,
+                    fold=True,
+                    smtputf8=config.smtputf8,
+                    base_dir=config.base_dir,
+                    writable=config.writable,
                 )
             except MapError as exc:
                 problems.append(ConfigProblem(config.source, config.name, "backup", str(exc)))

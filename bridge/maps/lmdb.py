@@ -289,7 +289,7 @@ def _acquire(path: str, *, writable: bool) -> _SharedFile:
     """The shared state for ``path``, opened (or upgraded) as needed.
 
     Raises:
-      OSError, lmdb.Error: the file cannot be opened.
+      OSError, lmdb.Error, _LockTimeout: the file cannot be opened.
     """
     with _registry_lock:
         real = os.path.realpath(path)
@@ -319,10 +319,12 @@ def _release(shared: _SharedFile) -> None:
             shared.close()
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, file: str) -> str:
+    """The error text for a message that already names ``file``."""
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
-    return str(exc) or type(exc).__name__
+    # The binding's messages start with the file name; say it only once.
+    return str(exc).removeprefix(f"{file}: ") or type(exc).__name__
 
 
 class LmdbMap:
@@ -361,8 +363,10 @@ class LmdbMap:
         self._form = _Form.UNDECIDED
         try:
             self._shared: _SharedFile | None = _acquire(self._file, writable=writable)
-        except (OSError, lmdb.Error) as exc:
-            raise MapError(f"table {spec}: cannot open {self._file}: {_reason(exc)}") from exc
+        except (OSError, lmdb.Error, _LockTimeout) as exc:
+            raise MapError(
+                f"table {spec}: cannot open {self._file}: {_reason(exc, self._file)}"
+            ) from exc
 
     @property
     def spec(self) -> str:
@@ -572,7 +576,7 @@ class LmdbMap:
                 try:
                     return work(shared, argument)
                 except (lmdb.Error, OSError, _LockTimeout) as exc:
-                    return Retry(f"table {self._spec}: {self._file}: {_reason(exc)}")
+                    return Retry(f"table {self._spec}: {self._file}: {_reason(exc, shared.path)}")
 
         return await trio.to_thread.run_sync(guarded, limiter=shared.limiter)
 

@@ -500,7 +500,7 @@ def test_static_braces_round_trip(text: str) -> None:
 
 
 def test_supported_types() -> None:
-    assert SUPPORTED_TYPES == ("texthash", "inline", "static", "socketmap", "tcp")
+    assert SUPPORTED_TYPES == ("texthash", "inline", "static", "socketmap", "tcp", "lmdb")
 
 
 def test_unsupported_type_message() -> None:
@@ -508,14 +508,14 @@ def test_unsupported_type_message() -> None:
         validate_spec("hash:/etc/x", base_dir="/")
     assert str(info.value) == (
         "unsupported table type 'hash' in 'hash:/etc/x': "
-        "the bridge supports texthash, inline, static, socketmap, tcp"
+        "the bridge supports texthash, inline, static, socketmap, tcp, lmdb"
     )
 
 
 @pytest.mark.parametrize(
     "spec",
     [
-        "lmdb:/x",
+        "btree:/x",
         "proxy:texthash:/x",
         "TEXTHASH:/x",
         "nocolon",
