@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,25 @@ def test_killed_load_keeps_every_committed_batch(config: Path, memcached: Memcac
         check=False,
     )
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == len(held)
+
+
+def test_daemon_rereads_an_edited_texthash_backup(
+    memcached: Memcached, tmp_path: Path, ports: NextPort, start_bridge: StartBridge
+) -> None:
+    backup = tmp_path / "aliases"
+    backup.write_text("k before\n")
+    sm_port = ports()
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "inet:127.0.0.1:{sm_port}"\nprotocol = "socketmap"\n'
+        f'[tables.aliases]\nmemcache = "{memcached.endpoint}"\nbackup = "texthash:{backup}"\n'
+    )
+    start_bridge(config)
+    table = f"socketmap:inet:127.0.0.1:{sm_port}:aliases"
+    assert postmap_query("k", table).outcome == "found:before"
+    backup.write_text("k before\nnew added\n")
+    # The file is checked at most once a second: poll the condition, bounded.
+    deadline = time.monotonic() + 20
+    while postmap_query("new", table).outcome != "found:added":
+        assert time.monotonic() < deadline, "edited texthash file never re-read"
+        time.sleep(0.2)
