@@ -19,4 +19,6 @@ echo "== mypy --strict"
 echo "== pytest"
 # CI=true makes any skipped test a failure (tests/conftest.py); pytest's
 # exit status 5 (no tests collected) fails this script like any other.
+# The reliability tests render docs/reliability.md from this run's figures.
+export BRIDGE_RELIABILITY_REPORT=${BRIDGE_RELIABILITY_REPORT:-$ROOT/docs/reliability.md}
 "$VENV/bin/python" -m pytest "$@"
