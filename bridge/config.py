@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import logging
 import math
 import os
+import pwd
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Literal, TypeVar
 
@@ -129,6 +132,10 @@ ParameterKind = Literal[
     "protocol",  # "socketmap" | "tcp"
     "name",  # a table name
     "log_level",  # a logging level name
+    "networks",  # list of client addresses or networks (CIDR)
+    "mode",  # octal file permissions
+    "user",  # user name or uid
+    "group",  # group name or gid
 ]
 
 
@@ -323,6 +330,44 @@ LISTENER_PARAMETERS: tuple[Parameter, ...] = (
         "integer",
         "Most concurrent connections on this listener.",
     ),
+    Parameter(
+        "allow",
+        "",
+        None,
+        "networks",
+        'inet only: client networks allowed to connect, e.g. ["127.0.0.0/8", "::1/128"]; '
+        "empty = any. Others are closed at accept.",
+    ),
+    Parameter(
+        "reuse_port",
+        "true",
+        None,
+        "boolean",
+        "inet only: set SO_REUSEPORT, so a second instance can take over the port "
+        "(zero-downtime upgrades).",
+    ),
+    Parameter(
+        "mode",
+        "0666",
+        None,
+        "mode",
+        "unix only: permissions of the socket file (octal), like a loopback port by default; "
+        "0660 with group restricts it.",
+    ),
+    Parameter(
+        "owner",
+        "",
+        None,
+        "user",
+        "unix only: owner of the socket file (name or uid); empty = the daemon's user.",
+    ),
+    Parameter(
+        "group",
+        "",
+        None,
+        "group",
+        "unix only: group of the socket file (name or gid); empty = the daemon's group.",
+    ),
 )
 
 #: Keys at the top of the TOML file.
@@ -333,6 +378,22 @@ TOP_LEVEL_PARAMETERS: tuple[Parameter, ...] = (
         None,
         "log_level",
         "Lowest level logged: debug, info, warning, error or critical.",
+    ),
+    Parameter(
+        "user",
+        "",
+        None,
+        "user",
+        "Run as this user (name or uid) once every listener is bound; "
+        "empty = stay as started (a warning when that is root).",
+    ),
+    Parameter(
+        "group",
+        "",
+        None,
+        "group",
+        "Run with this group (name or gid) once every listener is bound; "
+        "empty = the user's primary group.",
     ),
 )
 
@@ -435,6 +496,11 @@ class ListenerConfig:
     table: str | None
     idle_timeout: float
     max_connections: int
+    allow: tuple[IPv4Network | IPv6Network, ...] = ()
+    reuse_port: bool = True
+    mode: int = 0o666
+    owner: int | None = None
+    group: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +511,9 @@ class BridgeConfig:
     listeners: tuple[ListenerConfig, ...]
     tables: Mapping[str, TableConfig]
     log_level: str
+    #: uid and gid to switch to after binding; None = keep.
+    user: int | None = None
+    group: int | None = None
 
 
 # ----------------------------------------------------------- the .cf file
@@ -985,9 +1054,74 @@ def _load_listener(
         except _Invalid as exc:
             problem("max_connections", str(exc))
 
+    extras: dict[str, object] = {}
+    inet_only = ("allow", "reuse_port")
+    unix_only = ("mode", "owner", "group")
+    for key in (*inet_only, *unix_only):
+        if key not in raw:
+            continue
+        wrong_kind = (key in inet_only and isinstance(endpoint, UnixEndpoint)) or (
+            key in unix_only and isinstance(endpoint, InetEndpoint)
+        )
+        if wrong_kind:
+            kind = "inet" if key in inet_only else "unix"
+            problem(key, f"only for {kind}: listeners")
+            continue
+        try:
+            extras[key] = _LISTENER_CONVERTERS[key](raw[key])
+        except _Invalid as exc:
+            problem(key, str(exc))
+
     if problems or endpoint is None or protocol is None:
         return None, problems
-    return ListenerConfig(endpoint, protocol, table, idle_timeout, max_connections), []
+    listener = ListenerConfig(endpoint, protocol, table, idle_timeout, max_connections)
+    return dataclasses.replace(listener, **extras), []  # type: ignore[arg-type]
+
+
+def _networks(value: object) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for item in _string_list(value):
+        try:
+            networks.append(ip_network(item, strict=False))
+        except ValueError:
+            raise _Invalid(f"{item!r} is not an address or network (e.g. 10.1.0.0/16)") from None
+    return tuple(networks)
+
+
+def _mode(value: object) -> int:
+    text = _text(value).strip()
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise _Invalid(f'must be an octal permission string such as "0660", not {value!r}')
+    return int(text, 8)
+
+
+def _uid(value: object) -> int:
+    text = _text(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise _Invalid(f"no such user {text!r}") from None
+
+
+def _gid(value: object) -> int:
+    text = _text(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise _Invalid(f"no such group {text!r}") from None
+
+
+_LISTENER_CONVERTERS: Mapping[str, Callable[[object], object]] = {
+    "allow": _networks,
+    "reuse_port": _boolean,
+    "mode": _mode,
+    "owner": _uid,
+    "group": _gid,
+}
 
 
 def _seconds(value: object) -> float:
@@ -1130,6 +1264,13 @@ def load_config(path: str) -> BridgeConfig:
 
     listeners, listener_problems = _load_listeners(raw.get("listen"), raw_tables, toml)
     problems.extend(listener_problems)
+    identity: dict[str, int | None] = {"user": None, "group": None}
+    for key, convert in (("user", _uid), ("group", _gid)):
+        if raw.get(key, "") != "":
+            try:
+                identity[key] = convert(raw[key])
+            except _Invalid as exc:
+                problems.append(ConfigProblem(toml.path, None, key, str(exc)))
     if problems:
         raise ConfigError(problems)
     return BridgeConfig(
@@ -1137,4 +1278,6 @@ def load_config(path: str) -> BridgeConfig:
         listeners=tuple(listeners),
         tables=MappingProxyType(tables),
         log_level=log_level,
+        user=identity["user"],
+        group=identity["group"],
     )

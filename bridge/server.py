@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
+import pwd
 import signal
 import socket as stdlib_socket
 import stat
@@ -70,6 +72,9 @@ SHUTDOWN_GRACE = 30.0
 #: that started before the reload can finish with them.
 RELOAD_GRACE = 60.0
 
+#: Refused connections are logged at most once per this many seconds per listener.
+_REFUSAL_LOG_INTERVAL = 60.0
+
 #: Bytes read from a client at a time; a socketmap request is small.
 _RECEIVE_SIZE = 65536
 
@@ -93,8 +98,11 @@ class BoundListener:
 class BridgeServer:
     """Serve the configured listeners until :meth:`shutdown` is called."""
 
-    def __init__(self, config: BridgeConfig, tables: Mapping[str, Table]) -> None:
+    def __init__(
+        self, config: BridgeConfig, tables: Mapping[str, Table], *, drop_privileges: bool = True
+    ) -> None:
         self.config = config
+        self._drop_privileges = drop_privileges
         self.tables: Mapping[str, Table] = tables
         self._shutting_down = False
         self._accept_scope: trio.CancelScope | None = None
@@ -102,6 +110,7 @@ class BridgeServer:
         # request: shutdown cancels these, never a request in progress.
         self._waiting: set[trio.CancelScope] = set()
         self._background: trio.Nursery | None = None
+        self._next_refusal_log: dict[object, float] = {}
         # Tables replaced by a reload, closed after RELOAD_GRACE or at exit.
         self._retired: list[Mapping[str, Table]] = []
 
@@ -120,6 +129,8 @@ class BridgeServer:
           OSError: a listener cannot be bound (nothing is served then).
         """
         bound = await self._bind_all()
+        if self._drop_privileges:
+            drop_privileges(self.config)
         async with trio.open_nursery() as background:
             self._background = background
             async with trio.open_nursery() as connections:
@@ -219,7 +230,26 @@ class BridgeServer:
             except BaseException:
                 slots.release()
                 raise
+            if item.config.allow and not self._allowed(stream, item.config):
+                slots.release()
+                await trio.aclose_forcefully(stream)
+                continue
             connections.start_soon(self._connection, stream, item.config, slots.release)
+
+    def _allowed(self, stream: trio.SocketStream, config: ListenerConfig) -> bool:
+        """Whether the peer is in the listener's ``allow`` networks."""
+        try:
+            peer = ipaddress.ip_address(stream.socket.getpeername()[0])
+        except (OSError, ValueError):
+            return False
+        if any(peer in network for network in config.allow):
+            return True
+        now = trio.current_time()
+        # One line per listener per interval: a scan must not flood the log.
+        if now >= self._next_refusal_log.get(config.endpoint, 0.0):
+            self._next_refusal_log[config.endpoint] = now + _REFUSAL_LOG_INTERVAL
+            _log.warning("%s: refused connection from %s (not in allow)", config.endpoint, peer)
+        return False
 
     # ---------------------------------------------------------- connection
 
@@ -357,12 +387,53 @@ def _peer(stream: trio.SocketStream) -> str:
 async def _bind(config: ListenerConfig) -> list[trio.SocketListener]:
     endpoint = config.endpoint
     if isinstance(endpoint, InetEndpoint):
-        return await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
-    return [await _bind_unix(endpoint.path)]
+        return await _bind_inet(endpoint, reuse_port=config.reuse_port)
+    return [await _bind_unix(endpoint.path, config)]
 
 
-async def _bind_unix(path: str) -> trio.SocketListener:
-    """Bind a unix socket, replacing a stale socket file but never another file."""
+async def _bind_inet(endpoint: InetEndpoint, *, reuse_port: bool) -> list[trio.SocketListener]:
+    """Bind every address the host name resolves to.
+
+    Like trio.open_tcp_listeners, plus SO_REUSEPORT: a new instance can bind
+    the same port while the old one drains, for upgrades without refusing
+    a single connection.
+    """
+    infos = await trio.socket.getaddrinfo(
+        endpoint.host,
+        endpoint.port,
+        type=stdlib_socket.SOCK_STREAM,
+        flags=stdlib_socket.AI_PASSIVE,
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+                if family == stdlib_socket.AF_INET6:
+                    # One socket per family, as trio does: no v4-mapped surprises.
+                    sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(stdlib_socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            await listener.aclose()
+        raise
+    return listeners
+
+
+async def _bind_unix(path: str, config: ListenerConfig) -> trio.SocketListener:
+    """Bind a unix socket, replacing a stale socket file but never another file.
+
+    The socket file gets the listener's ``mode`` (and ``owner``/``group``)
+    before the first connection can be accepted.
+    """
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
@@ -371,11 +442,40 @@ async def _bind_unix(path: str) -> trio.SocketListener:
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
         await sock.bind(path)
+        os.chmod(path, config.mode)
+        if config.owner is not None or config.group is not None:
+            uid = -1 if config.owner is None else config.owner
+            gid = -1 if config.group is None else config.group
+            os.chown(path, uid, gid)
         sock.listen(stdlib_socket.SOMAXCONN)
     except BaseException:
         sock.close()
         raise
     return trio.SocketListener(sock)
+
+
+def drop_privileges(config: BridgeConfig) -> None:
+    """Switch to ``user``/``group`` once every listener is bound.
+
+    Raises:
+      OSError: the switch failed (the daemon must not go on as root then).
+    """
+    if config.user is None and config.group is None:
+        if os.geteuid() == 0:
+            _log.warning(
+                "running as root: set user = ... (and group) to drop privileges after binding"
+            )
+        return
+    if config.group is not None:
+        os.setgroups([])
+        os.setgid(config.group)
+    if config.user is not None:
+        if config.group is None:
+            primary = pwd.getpwuid(config.user).pw_gid
+            os.setgroups([])
+            os.setgid(primary)
+        os.setuid(config.user)
+    _log.info("running as uid %d, gid %d", os.getuid(), os.getgid())
 
 
 # ---------------------------------------------------------------- signals
