@@ -250,6 +250,9 @@ class MemcacheClient:
                 raise _Failure(f"write error: {exc or type(exc).__name__}") from None
             event, timed_out = await self._read_event(connection)
             if isinstance(event, CommandFailed):
+                if event.detail:
+                    # May hold table values: only at debug level.
+                    _log.debug("memcache %s: %s: %s", self.endpoint, event.reason, event.detail)
                 raise _Failure(event.reason, timeout=timed_out)
             if not isinstance(event, definitive):
                 raise _Failure(f"unexpected reply {type(event).__name__}")

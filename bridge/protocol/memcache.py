@@ -166,11 +166,15 @@ class CommandFailed:
     """The command failed in one of the ways of MC-8 .. MC-10; the connection is finished.
 
     Attributes:
-      reason: what went wrong, log-safe (see :func:`escape_for_log`). For an
-        unexpected reply line it is the escaped line itself.
+      reason: what went wrong, safe to log and to send to Postfix: it never
+        holds bytes that could belong to a stored value (memcache's own
+        status lines, such as ``SERVER_ERROR ...``, are quoted; any other
+        unexpected line is described by its length).
+      detail: the offending bytes, escaped, for debug logging only.
     """
 
     reason: str
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +214,40 @@ class _Stage(enum.Enum):
 
 
 class _ReplyError(Exception):
-    """The reply cannot be read; carries the log-safe reason."""
+    """The reply cannot be read; carries the log-safe reason and the raw detail."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+#: First words of the lines memcache itself writes. Such a line is the
+#: server's own message and safe to log; any other line may be part of a
+#: stored value (a stream out of step), so only its length is logged.
+_STATUS_WORDS = frozenset(
+    {
+        b"SERVER_ERROR",
+        b"CLIENT_ERROR",
+        b"ERROR",
+        b"END",
+        b"STORED",
+        b"NOT_STORED",
+        b"EXISTS",
+        b"NOT_FOUND",
+        b"DELETED",
+        b"VERSION",
+        b"VALUE",
+    }
+)
+
+
+def _unexpected_line(line: bytes) -> _ReplyError:
+    """A failure for an unexpected reply line that never puts table values in the reason."""
+    words = line.split(None, 1)
+    if words and words[0] in _STATUS_WORDS:
+        return _ReplyError(escape_for_log(line))
+    return _ReplyError(f"unexpected reply line ({len(line)} bytes)", escape_for_log(line))
 
 
 def escape_for_log(data: bytes, limit: int = 100) -> str:
@@ -469,8 +506,8 @@ class MemcacheClientProtocol:
             try:
                 event = self._advance(self._outstanding[0])
             except _ReplyError as error:
-                event = CommandFailed(str(error))
-                self._die(str(error))
+                event = CommandFailed(error.reason, error.detail)
+                self._die(error.reason)
         if event is NEED_DATA:
             return NEED_DATA
         self._outstanding.popleft()
@@ -480,7 +517,7 @@ class MemcacheClientProtocol:
             # Memcache sends nothing unasked, so these bytes mean the stream
             # is not where we think it is; better a new connection than
             # reading them as the answer to the next command.
-            self._die("unexpected data after reply: " + escape_for_log(bytes(self._buffer)))
+            self._die(f"unexpected data after reply ({len(self._buffer)} bytes)")
         return event
 
     def _die(self, reason: str) -> None:
@@ -510,7 +547,7 @@ class MemcacheClientProtocol:
             return Deleted()
         elif text == b"NOT_FOUND":
             return DeleteNotFound()
-        raise _ReplyError(escape_for_log(line))
+        raise _unexpected_line(line)
 
     def _advance_get(self) -> MemcacheEvent | NeedData:
         """Parse a ``get`` reply (MC-9), resuming at the current stage."""
@@ -523,11 +560,11 @@ class MemcacheClientProtocol:
                 return GetMiss()
             length = _scan_value_length(text)
             if length is None:
-                raise _ReplyError(escape_for_log(line))
+                raise _unexpected_line(line)
             if not 0 <= length <= self._data_size_limit:
                 raise _ReplyError(
-                    f"value length {length} outside 0..{self._data_size_limit}: "
-                    + escape_for_log(line)
+                    f"value length {length} outside 0..{self._data_size_limit}",
+                    escape_for_log(line),
                 )
             self._value_length = length
             self._stage = _Stage.VALUE_DATA
@@ -573,7 +610,7 @@ class MemcacheClientProtocol:
             return NEED_DATA
         if _c_string(line) == b"END":
             return GetHit(self._value, reusable=True)
-        self._die("after value, expected END: " + escape_for_log(line))
+        self._die("after value, expected END: " + _unexpected_line(line).reason)
         return GetHit(self._value, reusable=False)
 
     def _read_line(self) -> bytes | NeedData:
