@@ -324,6 +324,14 @@ LISTENER_PARAMETERS: tuple[Parameter, ...] = (
         "Default 100 for socketmap, 0 for tcp.",
     ),
     Parameter(
+        "request_timeout",
+        "10",
+        None,
+        "seconds",
+        "Close a connection whose request has started but not completed within this many "
+        "seconds (slow senders); 0 = never.",
+    ),
+    Parameter(
         "max_connections",
         "1000",
         1,
@@ -496,6 +504,7 @@ class ListenerConfig:
     table: str | None
     idle_timeout: float
     max_connections: int
+    request_timeout: float = 10.0
     allow: tuple[IPv4Network | IPv6Network, ...] = ()
     reuse_port: bool = True
     mode: int = 0o666
@@ -1055,6 +1064,11 @@ def _load_listener(
             problem("max_connections", str(exc))
 
     extras: dict[str, object] = {}
+    if "request_timeout" in raw:
+        try:
+            extras["request_timeout"] = _seconds(raw["request_timeout"])
+        except _Invalid as exc:
+            problem("request_timeout", str(exc))
     inet_only = ("allow", "reuse_port")
     unix_only = ("mode", "owner", "group")
     for key in (*inet_only, *unix_only):

@@ -268,18 +268,27 @@ class BridgeServer:
             release()
             await trio.aclose_forcefully(stream)
 
-    async def _receive(self, stream: trio.SocketStream, idle_timeout: float) -> bytes | None:
+    async def _receive(
+        self, stream: trio.SocketStream, idle_timeout: float, request_deadline: float | None
+    ) -> bytes | None:
         """Wait for bytes from the client.
+
+        Args:
+          idle_timeout: seconds without a byte before closing; 0 = never.
+          request_deadline: when the request in progress must be complete
+            (None between requests).
 
         Returns:
           The bytes, b"" at end of stream, or None when the connection
-          should close (idle timeout or shutdown).
+          should close (idle timeout, request deadline or shutdown).
         """
         if self._shutting_down:
             return None
         with trio.CancelScope() as scope:
             if idle_timeout > 0:
                 scope.deadline = trio.current_time() + idle_timeout
+            if request_deadline is not None:
+                scope.deadline = min(scope.deadline, request_deadline)
             self._waiting.add(scope)
             try:
                 return await stream.receive_some(_RECEIVE_SIZE)
@@ -307,6 +316,9 @@ BadRequest = socketmap.BadRequest | tcptable.TcpBadRequest
 
 class _ServerProtocol(Protocol):
     """What both sans-I/O server protocols offer."""
+
+    @property
+    def buffered_byte_count(self) -> int: ...
 
     def receive_data(self, data: bytes) -> None: ...
 
@@ -351,10 +363,19 @@ async def _serve_connection(
     """Answer one client's requests in order until it leaves or the server stops."""
     dialect = _DIALECTS[config.protocol]
     protocol = dialect.new_protocol()
+    request_deadline: float | None = None
     while True:
         event = protocol.next_event()
         if event is NEED_DATA:
-            data = await server._receive(stream, config.idle_timeout)
+            if not protocol.buffered_byte_count:
+                request_deadline = None
+            elif request_deadline is None and config.request_timeout > 0:
+                # Postfix writes a request with one write; a request that
+                # trickles in (slowloris) must not hold its slot forever,
+                # which the idle timeout alone would allow: every byte
+                # restarts it.
+                request_deadline = trio.current_time() + config.request_timeout
+            data = await server._receive(stream, config.idle_timeout, request_deadline)
             if data is None:
                 return
             protocol.receive_data(data)

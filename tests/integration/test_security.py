@@ -10,12 +10,14 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import NextPort, StartBridge
 from tests.integration.harness import Memcached, postmap_query, run_bridge
+from tests.reliability import ReliabilityReport
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -176,3 +178,43 @@ def test_listener_security_keys_are_checked(tmp_path: Path) -> None:
         "user: no such user 'no-such-user-here'",
     ):
         assert expected in result.stderr, (expected, result.stderr)
+
+
+def test_a_request_that_trickles_in_is_cut_at_request_timeout(
+    memcached: Memcached,
+    tmp_path: Path,
+    ports: NextPort,
+    start_bridge: StartBridge,
+    reliability: ReliabilityReport,
+) -> None:
+    port = ports()
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "inet:127.0.0.1:{port}"\nprotocol = "socketmap"\n'
+        "idle_timeout = 100\nrequest_timeout = 1\n" + _base(memcached)
+    )
+    start_bridge(config)
+    request = b"9:aliases k,"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        started = time.monotonic()
+        closed_after: float | None = None
+        for byte in request:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+                break
+            time.sleep(0.2)  # a slowloris sender: each byte would restart an idle timer
+        if closed_after is None:
+            data = sock.recv(100)
+            closed_after = time.monotonic() - started
+            assert data == b"", data
+    # Cut at about 1 s, long before the 100 s idle timeout or the full request.
+    assert 0.9 <= closed_after < 5, closed_after
+    reliability.record(
+        "hostile client",
+        "request sent 1 byte per 0.2 s (request_timeout = 1)",
+        requests=1,
+        correct=1,
+        bound=f"closed after {closed_after:.1f}s",
+    )
