@@ -50,6 +50,7 @@ from typing import Protocol
 
 import trio
 
+from bridge import netio
 from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
 from bridge.endpoint import InetEndpoint, UnixEndpoint
 from bridge.outcome import ConfigFailure, Outcome
@@ -84,11 +85,11 @@ class BoundListener:
     """One listening socket and the configuration it came from."""
 
     config: ListenerConfig
-    listener: trio.SocketListener
+    listener: stdlib_socket.socket
 
     @property
     def address(self) -> str:
-        sockname = self.listener.socket.getsockname()
+        sockname = self.listener.getsockname()
         if isinstance(sockname, tuple):
             host, port = sockname[0], sockname[1]
             return str(InetEndpoint(host, port))
@@ -143,7 +144,7 @@ class BridgeServer:
                             acceptors.start_soon(self._accept_loop, item, connections)
                         task_status.started([item.address for item in bound])
                 for item in bound:
-                    await item.listener.aclose()
+                    _close_listener(item.listener)
                 self._unlink_unix_sockets()
                 # Connections finish the request in hand and return; the
                 # deadline only ends those stuck on a slow backend or client.
@@ -202,7 +203,7 @@ class BridgeServer:
                     bound.append(BoundListener(config, listener))
         except BaseException:
             for item in bound:
-                await item.listener.aclose()
+                _close_listener(item.listener)
             raise
         return bound
 
@@ -219,7 +220,7 @@ class BridgeServer:
         while True:
             await slots.acquire()
             try:
-                stream = await item.listener.accept()
+                connection = await netio.accept(item.listener)
             except OSError as exc:
                 slots.release()
                 if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
@@ -230,16 +231,16 @@ class BridgeServer:
             except BaseException:
                 slots.release()
                 raise
-            if item.config.allow and not self._allowed(stream, item.config):
+            if item.config.allow and not self._allowed(connection, item.config):
                 slots.release()
-                await trio.aclose_forcefully(stream)
+                connection.close()
                 continue
-            connections.start_soon(self._connection, stream, item.config, slots.release)
+            connections.start_soon(self._connection, connection, item.config, slots.release)
 
-    def _allowed(self, stream: trio.SocketStream, config: ListenerConfig) -> bool:
+    def _allowed(self, connection: netio.Connection, config: ListenerConfig) -> bool:
         """Whether the peer is in the listener's ``allow`` networks."""
         try:
-            peer = ipaddress.ip_address(stream.socket.getpeername()[0])
+            peer = ipaddress.ip_address(connection.sock.getpeername()[0])
         except (OSError, ValueError):
             return False
         if any(peer in network for network in config.allow):
@@ -254,11 +255,11 @@ class BridgeServer:
     # ---------------------------------------------------------- connection
 
     async def _connection(
-        self, stream: trio.SocketStream, config: ListenerConfig, release: Callable[[], None]
+        self, connection: netio.Connection, config: ListenerConfig, release: Callable[[], None]
     ) -> None:
         try:
-            await _serve_connection(self, stream, config)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await _serve_connection(self, connection, config)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except trio.TooSlowError:
             _log.info("closing connection: client did not read its reply in %ss", WRITE_TIMEOUT)
@@ -266,10 +267,10 @@ class BridgeServer:
             _log.exception("connection on %s failed", config.endpoint)
         finally:
             release()
-            await trio.aclose_forcefully(stream)
+            connection.close()
 
     async def _receive(
-        self, stream: trio.SocketStream, idle_timeout: float, request_deadline: float | None
+        self, connection: netio.Connection, idle_timeout: float, request_deadline: float | None
     ) -> bytes | None:
         """Wait for bytes from the client.
 
@@ -291,14 +292,13 @@ class BridgeServer:
                 scope.deadline = min(scope.deadline, request_deadline)
             self._waiting.add(scope)
             try:
-                return await stream.receive_some(_RECEIVE_SIZE)
+                return await connection.receive(_RECEIVE_SIZE)
             finally:
                 self._waiting.discard(scope)
         return None
 
-    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
-        with trio.fail_after(WRITE_TIMEOUT):
-            await stream.send_all(data)
+    async def _send(self, connection: netio.Connection, data: bytes) -> None:
+        await connection.send_all(data, stall_limit=WRITE_TIMEOUT)
 
     async def lookup(self, table_name: str, key: bytes) -> Outcome:
         table = self.tables.get(table_name)
@@ -358,7 +358,7 @@ _DIALECTS = {
 
 
 async def _serve_connection(
-    server: BridgeServer, stream: trio.SocketStream, config: ListenerConfig
+    server: BridgeServer, connection: netio.Connection, config: ListenerConfig
 ) -> None:
     """Answer one client's requests in order until it leaves or the server stops."""
     dialect = _DIALECTS[config.protocol]
@@ -375,15 +375,15 @@ async def _serve_connection(
                 # which the idle timeout alone would allow: every byte
                 # restarts it.
                 request_deadline = trio.current_time() + config.request_timeout
-            data = await server._receive(stream, config.idle_timeout, request_deadline)
+            data = await server._receive(connection, config.idle_timeout, request_deadline)
             if data is None:
                 return
             protocol.receive_data(data)
         elif isinstance(event, ConnectionClosed):
             return
         elif isinstance(event, socketmap.BadRequest | tcptable.TcpBadRequest):
-            _log.warning("%s request from %s: %s", dialect.name, _peer(stream), event.reason)
-            await server._send(stream, dialect.encode_bad_request(event))
+            _log.warning("%s request from %s: %s", dialect.name, connection.peer(), event.reason)
+            await server._send(connection, dialect.encode_bad_request(event))
             if event.fatal:
                 return
         else:
@@ -391,28 +391,25 @@ async def _serve_connection(
             name = event.name if isinstance(event, socketmap.SocketmapRequest) else config.table
             assert name is not None
             outcome = await server.lookup(name, event.key)
-            await server._send(stream, dialect.encode_reply(outcome))
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
+            await server._send(connection, dialect.encode_reply(outcome))
 
 
 # ---------------------------------------------------------------- binding
 
 
-async def _bind(config: ListenerConfig) -> list[trio.SocketListener]:
+async def _bind(config: ListenerConfig) -> list[stdlib_socket.socket]:
     endpoint = config.endpoint
     if isinstance(endpoint, InetEndpoint):
         return await _bind_inet(endpoint, reuse_port=config.reuse_port)
-    return [await _bind_unix(endpoint.path, config)]
+    return [_bind_unix(endpoint.path, config)]
 
 
-async def _bind_inet(endpoint: InetEndpoint, *, reuse_port: bool) -> list[trio.SocketListener]:
+def _close_listener(sock: stdlib_socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+async def _bind_inet(endpoint: InetEndpoint, *, reuse_port: bool) -> list[stdlib_socket.socket]:
     """Bind every address the host name resolves to.
 
     Like trio.open_tcp_listeners, plus SO_REUSEPORT: a new instance can bind
@@ -425,10 +422,10 @@ async def _bind_inet(endpoint: InetEndpoint, *, reuse_port: bool) -> list[trio.S
         type=stdlib_socket.SOCK_STREAM,
         flags=stdlib_socket.AI_PASSIVE,
     )
-    listeners: list[trio.SocketListener] = []
+    listeners: list[stdlib_socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = trio.socket.socket(family, kind, proto)
+            sock = stdlib_socket.socket(family, kind, proto)
             try:
                 sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
                 if reuse_port:
@@ -436,20 +433,21 @@ async def _bind_inet(endpoint: InetEndpoint, *, reuse_port: bool) -> list[trio.S
                 if family == stdlib_socket.AF_INET6:
                     # One socket per family, as trio does: no v4-mapped surprises.
                     sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
-                await sock.bind(address)
+                sock.bind(address)
                 sock.listen(stdlib_socket.SOMAXCONN)
+                sock.setblocking(False)
             except BaseException:
                 sock.close()
                 raise
-            listeners.append(trio.SocketListener(sock))
+            listeners.append(sock)
     except BaseException:
         for listener in listeners:
-            await listener.aclose()
+            listener.close()
         raise
     return listeners
 
 
-async def _bind_unix(path: str, config: ListenerConfig) -> trio.SocketListener:
+def _bind_unix(path: str, config: ListenerConfig) -> stdlib_socket.socket:
     """Bind a unix socket, replacing a stale socket file but never another file.
 
     The socket file gets the listener's ``mode`` (and ``owner``/``group``)
@@ -460,19 +458,20 @@ async def _bind_unix(path: str, config: ListenerConfig) -> trio.SocketListener:
             os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
+        sock.bind(path)
         os.chmod(path, config.mode)
         if config.owner is not None or config.group is not None:
             uid = -1 if config.owner is None else config.owner
             gid = -1 if config.group is None else config.group
             os.chown(path, uid, gid)
         sock.listen(stdlib_socket.SOMAXCONN)
+        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
 
 
 def drop_privileges(config: BridgeConfig) -> None:

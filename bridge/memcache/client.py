@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import socket as stdlib_socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from bridge import netio
 from bridge.endpoint import Endpoint, InetEndpoint
 from bridge.outcome import Retry
 from bridge.protocol.memcache import (
@@ -93,7 +95,7 @@ class _Failure(Exception):
 class _Connection:
     """One socket plus its protocol state."""
 
-    def __init__(self, stream: trio.abc.Stream, settings: MemcacheSettings) -> None:
+    def __init__(self, stream: netio.Connection, settings: MemcacheSettings) -> None:
         self.stream = stream
         self.protocol = MemcacheClientProtocol(
             line_size_limit=settings.line_size_limit,
@@ -104,12 +106,28 @@ class _Connection:
     def reusable(self) -> bool:
         return not self.protocol.broken and self.protocol.pending == 0
 
-    async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(self.stream)
+    def still_open(self) -> bool:
+        """Whether an idle connection can be used: the server has not closed it.
+
+        memcache sends nothing unasked, so an idle connection with anything
+        to read has been closed, reset or garbled by the server (after a
+        memcached restart, say). Finding that out now costs one syscall;
+        finding it out by using the connection costs an attempt and a
+        retry_pause (MC-11).
+        """
+        try:
+            self.stream.sock.recv(1, stdlib_socket.MSG_PEEK | stdlib_socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def close(self) -> None:
+        self.stream.close()
 
 
-def _deadline_scope(seconds: int) -> contextlib.AbstractContextManager[object]:
+def _deadline_scope(seconds: float) -> contextlib.AbstractContextManager[object]:
     """A ``fail_after`` for ``timeout`` seconds; <= 0 disables the limit (MC-1)."""
     if seconds > 0:
         return trio.fail_after(seconds)
@@ -207,7 +225,7 @@ class MemcacheClient:
         self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
-            await connection.aclose()
+            connection.close()
 
     # ------------------------------------------------------- retry loop
 
@@ -237,76 +255,82 @@ class MemcacheClient:
     async def _attempt(
         self, encode: _Encoder, definitive: tuple[type[MemcacheEvent], ...]
     ) -> MemcacheEvent:
-        async with self._connection() as connection:
-            data = encode(connection.protocol)
-            try:
-                with _deadline_scope(self.settings.timeout):
-                    await connection.stream.send_all(data)
-            except trio.TooSlowError:
-                raise _Failure(
-                    f"timeout after {self.settings.timeout}s sending command", timeout=True
-                ) from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise _Failure(f"write error: {exc or type(exc).__name__}") from None
-            event, timed_out = await self._read_event(connection)
-            if isinstance(event, CommandFailed):
-                if event.detail:
-                    # May hold table values: only at debug level.
-                    _log.debug("memcache %s: %s: %s", self.endpoint, event.reason, event.detail)
-                raise _Failure(event.reason, timeout=timed_out)
-            if not isinstance(event, definitive):
-                raise _Failure(f"unexpected reply {type(event).__name__}")
-            return event
+        connection = await self._acquire()
+        try:
+            event = await self._exchange(connection, encode(connection.protocol))
+        except BaseException:
+            connection.close()
+            raise
+        self._release(connection)
+        if not isinstance(event, definitive):
+            raise _Failure(f"unexpected reply {type(event).__name__}")
+        return event
 
-    async def _read_event(self, connection: _Connection) -> tuple[MemcacheEvent, bool]:
-        """Read until the protocol yields the reply's event.
+    async def _exchange(self, connection: _Connection, data: bytes) -> MemcacheEvent:
+        """Send one command's bytes and read until the protocol yields its event.
 
-        Returns:
-          The event and whether a time limit expired while reading.
+        ``timeout`` bounds the send and each read (MC-5). A read that runs
+        out of time counts as end of stream: a value already read
+        completely is still returned (MC-9 step 4).
+
+        Raises:
+          _Failure: the command failed (the connection must be closed).
         """
+        timeout = self.settings.timeout
+        try:
+            await connection.stream.send_all(data, stall_limit=timeout)
+        except trio.TooSlowError:
+            raise _Failure(f"timeout after {timeout}s sending command", timeout=True) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _Failure(f"write error: {exc or type(exc).__name__}") from None
         protocol = connection.protocol
         timed_out = False
-        while True:
-            event = protocol.next_event()
-            if event is not NEED_DATA:
-                if timed_out and isinstance(event, CommandFailed):
-                    event = CommandFailed(
-                        f"timeout after {self.settings.timeout}s waiting for reply"
-                    )
-                return event, timed_out
-            try:
-                with _deadline_scope(self.settings.timeout):
-                    chunk = await connection.stream.receive_some(_RECEIVE_SIZE)
-            except trio.TooSlowError:
-                # Treated like EOF: a value read completely before the
-                # deadline is still returned (MC-9 step 4).
+        while (event := protocol.next_event()) is NEED_DATA:
+            # A class-based cancel scope: fail_after's generator-based context
+            # manager costs more than the rest of this loop (docs/performance.md).
+            with trio.CancelScope() as scope:
+                if timeout > 0:
+                    scope.deadline = trio.current_time() + timeout
+                try:
+                    chunk = await connection.stream.receive(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    chunk = b""
+            if scope.cancelled_caught:
                 timed_out = True
                 chunk = b""
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                chunk = b""
             protocol.receive_data(chunk)
+        if isinstance(event, CommandFailed):
+            if event.detail:
+                # May hold table values: only at debug level.
+                _log.debug("memcache %s: %s: %s", self.endpoint, event.reason, event.detail)
+            reason = f"timeout after {timeout}s waiting for reply" if timed_out else event.reason
+            raise _Failure(reason, timeout=timed_out)
+        return event
 
     # ------------------------------------------------------ connections
 
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Connection]:
-        connection = self._idle.pop() if self._idle else await self._connect()
-        try:
-            yield connection
-        except BaseException:
-            await connection.aclose()
-            raise
+    async def _acquire(self) -> _Connection:
+        """An idle connection that is still open, or a new one."""
+        while self._idle:
+            candidate = self._idle.pop()
+            if candidate.still_open():
+                return candidate
+            candidate.close()
+        return await self._connect()
+
+    def _release(self, connection: _Connection) -> None:
+        """Pool a connection whose protocol state is clean; close any other."""
         if connection.reusable and not self._closed and len(self._idle) < self._pool_size:
             self._idle.append(connection)
         else:
-            await connection.aclose()
+            connection.close()
 
     async def _connect(self) -> _Connection:
         endpoint = self.endpoint
         try:
             with _deadline_scope(self.settings.timeout):
                 if isinstance(endpoint, InetEndpoint):
-                    stream: trio.abc.Stream = await trio.open_tcp_stream(
+                    stream: trio.SocketStream = await trio.open_tcp_stream(
                         endpoint.host, endpoint.port
                     )
                 else:
@@ -317,4 +341,4 @@ class MemcacheClient:
             ) from None
         except OSError as exc:
             raise _Failure(f"connect: {exc.strerror or exc}", connect=True) from None
-        return _Connection(stream, self.settings)
+        return _Connection(netio.Connection.from_trio_stream(stream), self.settings)

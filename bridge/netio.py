@@ -1,0 +1,129 @@
+"""Socket I/O for the hot path: non-blocking stdlib sockets driven by trio's low-level waits.
+
+Theory of operation
+-------------------
+A lookup is a short request/response exchange, and a Postfix client
+sends the next request only after the previous reply. trio's stream layer
+(SocketStream) makes every receive try the syscall, then yield to the
+scheduler, then wait: on a request-response connection that is two
+``recv`` calls and two trips through the scheduler per request. Here a
+receive waits for readability first (one trip, which also keeps the
+scheduler fair) and then reads once; a send writes at once and waits only
+when the kernel buffer is full. Measured on the bench in
+docs/performance.md, this halves the cost of the I/O layer.
+
+Everything stays inside trio's structured concurrency: waits are
+``trio.lowlevel.wait_readable``/``wait_writable``, which are cancellable
+and honour the enclosing cancel scopes and deadlines.
+
+Resource handling
+-----------------
+:meth:`Connection.close` tells trio the socket is closing before closing
+it, so a task still waiting on it is woken (with ClosedResourceError)
+instead of waiting forever on a reused file descriptor.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+
+class Connection:
+    """A connected, non-blocking socket.
+
+    Args:
+      sock: a connected stdlib socket; it is switched to non-blocking mode
+        and owned (closed) by this object from now on.
+    """
+
+    __slots__ = ("_closed", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # One write per request or reply: Nagle would only add delay.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._closed = False
+
+    @classmethod
+    def from_trio_stream(cls, stream: trio.SocketStream) -> Connection:
+        """Take over the socket of a trio stream (made by trio's connect helpers)."""
+        trio_sock = stream.socket
+        fd = trio_sock.detach()
+        return cls(socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=fd))
+
+    async def receive(self, max_bytes: int) -> bytes:
+        """Wait until the peer sent something and return it; b"" at end of stream.
+
+        Raises:
+          trio.ClosedResourceError: the connection was closed meanwhile.
+          OSError: a socket error other than a reset (a reset reads as b"").
+        """
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                return self.sock.recv(max_bytes)
+            except BlockingIOError:
+                continue  # spurious wake-up
+            except (ConnectionResetError, ConnectionAbortedError):
+                return b""
+
+    async def send_all(self, data: bytes, stall_limit: float = 0) -> None:
+        """Send every byte, waiting only while the kernel buffer is full.
+
+        Args:
+          data: the bytes.
+          stall_limit: most seconds to wait for buffer space at a time; 0 = no limit.
+            A send that fits the kernel buffer (nearly all) never waits.
+
+        Raises:
+          trio.BrokenResourceError: the peer is gone.
+          trio.TooSlowError: the peer did not read for ``stall_limit`` seconds.
+        """
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                with trio.CancelScope() as scope:
+                    if stall_limit > 0:
+                        scope.deadline = trio.current_time() + stall_limit
+                    await trio.lowlevel.wait_writable(self.sock)
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError from None
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise trio.BrokenResourceError(str(exc)) from None
+            view = view[sent:]
+
+    def peer(self) -> str:
+        """The peer's address for log lines."""
+        try:
+            address = self.sock.getpeername()
+        except OSError:
+            return "?"
+        if isinstance(address, tuple):
+            return f"{address[0]}:{address[1]}"
+        return "unix socket"
+
+    def close(self) -> None:
+        """Close now; idempotent. Tasks waiting on the socket are woken."""
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
+async def accept(listener: socket.socket) -> Connection:
+    """Accept one connection from a non-blocking listening socket."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            continue  # another process sharing the port (SO_REUSEPORT) took it
+        return Connection(sock)
