@@ -290,6 +290,21 @@ PARAMETERS: tuple[Parameter, ...] = (
         "domains",
         "Domains whose addresses may be searched by bare local part (address_search).",
     ),
+    Parameter(
+        "hot_cache_ttl",
+        "0",
+        None,
+        "seconds",
+        "Answer repeated keys from memory for this many seconds without asking memcache "
+        "(found and not-found answers; may be this stale); 0 = off.",
+    ),
+    Parameter(
+        "hot_cache_size",
+        "10000",
+        1,
+        "integer",
+        "Most keys the hot cache holds (least recently used go first).",
+    ),
 )
 
 #: Keys of a ``[[listen]]`` section.
@@ -493,6 +508,8 @@ class TableConfig:
     address_search: tuple[str, ...]
     recipient_delimiter: str
     local_domains: tuple[str, ...]
+    hot_cache_ttl: float = 0.0
+    hot_cache_size: int = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -805,6 +822,7 @@ _CONVERTERS: Mapping[str, Callable[[_Setting, Parameter], object]] = {
     "forms": lambda setting, param: _forms(setting),
     "delimiter": lambda setting, param: _delimiter(setting),
     "domains": lambda setting, param: _domains(setting),
+    "seconds": lambda setting, param: _seconds(setting.value),
 }
 
 
@@ -990,6 +1008,8 @@ def _table_config(
         address_search=_take(values, "address_search", tuple),
         recipient_delimiter=_take(values, "recipient_delimiter", str),
         local_domains=_take(values, "local_domains", tuple),
+        hot_cache_ttl=_take(values, "hot_cache_ttl", float),
+        hot_cache_size=_take(values, "hot_cache_size", int),
     )
 
 

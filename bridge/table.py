@@ -33,6 +33,8 @@ error when ``smtputf8`` is on, because Postfix would reject it (G-6).
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -115,6 +117,11 @@ class Table:
         self._local_domains = frozenset(d for d in folded_domains if d is not None)
         # The default address search is the key alone; skip the generator then.
         self._plain_search = config.address_search == ("full",)
+        self._hot_cache = (
+            HotCache(config.hot_cache_ttl, config.hot_cache_size)
+            if config.hot_cache_ttl > 0
+            else None
+        )
 
     @classmethod
     def open(cls, config: TableConfig) -> Table:
@@ -175,6 +182,17 @@ class Table:
         Returns:
           Found, NOT_FOUND, Retry or ConfigFailure.
         """
+        hot = self._hot_cache
+        if hot is not None:
+            cached = hot.get(key)
+            if cached is not None:
+                return cached
+        outcome = await self._lookup(key)
+        if hot is not None and isinstance(outcome, Found | NotFound):
+            hot.put(key, outcome)
+        return outcome
+
+    async def _lookup(self, key: bytes) -> Outcome:
         normalized = self.normalize_key(key)
         if isinstance(normalized, Skipped):
             return NOT_FOUND
@@ -442,6 +460,39 @@ class Table:
 
     async def _domain_lookup(self, spec: str, domain: bytes) -> Outcome:
         return await self._domain_maps[spec].lookup(domain)
+
+
+class HotCache:
+    """Recent answers kept in memory: a repeated key skips memcache entirely.
+
+    Only answers (found, not found) are kept, never failures, each for
+    ``ttl`` seconds: that is how stale an answer can be when memcache or
+    the backup changes behind the daemon's back (a CLI update included).
+    At most ``size`` keys are held; the least recently used go first.
+    Keys are the bytes as Postfix sent them, so no work is repeated.
+    """
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self._ttl = ttl
+        self._size = size
+        self._entries: OrderedDict[bytes, tuple[float, Found | NotFound]] = OrderedDict()
+
+    def get(self, key: bytes) -> Found | NotFound | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, outcome = entry
+        if time.monotonic() >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return outcome
+
+    def put(self, key: bytes, outcome: Found | NotFound) -> None:
+        self._entries[key] = (time.monotonic() + self._ttl, outcome)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
 
 
 def _reason(outcome: WriteOutcome) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,3 +439,43 @@ def test_check_refuses_an_unsupported_backup_type(tmp_path: Path, via_cf: bool) 
     assert f"{holder}" in completed.stderr
     assert "table t: backup:" in completed.stderr
     assert "'hash'" in completed.stderr
+
+
+def test_hot_cache_answers_within_ttl_and_never_keeps_failures(
+    memcached: Memcached, tmp_path: Path, ports: NextPort, start_bridge: StartBridge
+) -> None:
+    port = ports()
+    config = tmp_path / "hot.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "inet:127.0.0.1:{port}"\nprotocol = "socketmap"\n'
+        f'[tables.hot]\nmemcache = "{memcached.endpoint}"\nhot_cache_ttl = 1\n'
+    )
+    start_bridge(config)
+    table = f"socketmap:inet:127.0.0.1:{port}:hot"
+    memcached.set(b"k", b"old")
+    assert postmap_query("k", table).outcome == "found:old"
+    memcached.set(b"k", b"new")
+    # Within the ttl the remembered answer stands (the documented staleness) ...
+    assert postmap_query("k", table).outcome == "found:old"
+    # ... and after it memcache is asked again.
+    deadline = time.monotonic() + 10
+    while postmap_query("k", table).outcome != "found:new":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_hot_cache_never_keeps_a_failure(
+    tmp_path: Path, ports: NextPort, start_bridge: StartBridge
+) -> None:
+    port, mc_port = ports(), ports()
+    config = tmp_path / "hot.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "inet:127.0.0.1:{port}"\nprotocol = "socketmap"\n'
+        f'[tables.hot]\nmemcache = "inet:127.0.0.1:{mc_port}"\nhot_cache_ttl = 600\n'
+    )
+    start_bridge(config)
+    table = f"socketmap:inet:127.0.0.1:{port}:hot"
+    assert postmap_query("k", table).outcome == "error"  # memcache down
+    with run_memcached(mc_port) as memcached:
+        memcached.set(b"k", b"v")
+        assert postmap_query("k", table).outcome == "found:v"
