@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -83,8 +84,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     tables = _open(config)
     if tables is None:
         return EXIT_CONFIG
+    _raise_open_files_limit()
     trio.run(serve_until_signalled, config, tables)
     return EXIT_OK
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the soft open-files limit to the hard one.
+
+    Each connection is a file descriptor, and the usual soft limit (1024)
+    is below the default max_connections of a single listener.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger("bridge").warning("cannot raise the open-files limit: %s", exc)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

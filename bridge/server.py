@@ -318,7 +318,7 @@ class _ServerProtocol(Protocol):
     """What both sans-I/O server protocols offer."""
 
     @property
-    def buffered_byte_count(self) -> int: ...
+    def request_in_progress(self) -> bool: ...
 
     def receive_data(self, data: bytes) -> None: ...
 
@@ -367,7 +367,7 @@ async def _serve_connection(
     while True:
         event = protocol.next_event()
         if event is NEED_DATA:
-            if not protocol.buffered_byte_count:
+            if not protocol.request_in_progress:
                 request_deadline = None
             elif request_deadline is None and config.request_timeout > 0:
                 # Postfix writes a request with one write; a request that

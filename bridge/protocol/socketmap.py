@@ -131,6 +131,15 @@ class SocketmapServerProtocol:
         """How many received bytes are held, not yet returned as a request."""
         return self._decoder.buffered_byte_count
 
+    @property
+    def request_in_progress(self) -> bool:
+        """Whether part of a request has arrived (the length prefix counts).
+
+        The decoder drops a length prefix once it has read it, so the byte
+        count alone reads 0 in the middle of a request.
+        """
+        return self._decoder.in_frame or self._decoder.buffered_byte_count > 0
+
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the client.
 

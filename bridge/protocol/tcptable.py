@@ -145,6 +145,11 @@ class TcpTableServerProtocol:
         """How many received bytes are held, not yet returned as a request."""
         return len(self._buffer)
 
+    @property
+    def request_in_progress(self) -> bool:
+        """Whether part of a request line has arrived."""
+        return bool(self._buffer)
+
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the client.
 
