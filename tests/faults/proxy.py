@@ -36,8 +36,9 @@ fault               what the client sees
                     the start of every reply (see :data:`GARBAGE_LINES`)
 :class:`Refuse`     the listening socket is closed, so connections are
                     refused, and open connections are closed (FIN), as
-                    when memcached is stopped; ``Pass`` re-listens on the
-                    same port
+                    when memcached is stopped (ones still in the kernel's
+                    accept queue are reset by the kernel); ``Pass``
+                    re-listens on the same port
 ==================  ======================================================
 
 Garbage goes only where a reply starts (the first chunk after the client
@@ -258,6 +259,8 @@ def command_problem(command: bytes) -> str | None:
         return f"command line {line[:80]!r} holds a control byte"
     tokens = line.split(b" ")
     verb = tokens[0]
+    if verb not in (b"get", b"delete", b"version", b"set"):
+        return f"unknown command {line[:80]!r}"
     if verb == b"set":
         return _set_problem(tokens, data)
     if data:
@@ -266,9 +269,7 @@ def command_problem(command: bytes) -> str | None:
         if len(tokens) != 2:
             return f"{verb.decode()} takes exactly one key: {line[:80]!r}"
         return _key_problem(tokens[1])
-    if verb == b"version":
-        return None if len(tokens) == 1 else f"version takes no argument: {line[:80]!r}"
-    return f"unknown command {line[:80]!r}"
+    return None if len(tokens) == 1 else f"version takes no argument: {line[:80]!r}"
 
 
 def assert_well_formed(commands: Iterable[bytes]) -> None:
@@ -408,19 +409,28 @@ class _Core:
             except (trio.ClosedResourceError, OSError):
                 return
             self.accepted += 1
-            self._nursery.start_soon(self._serve_link, stream)
+            if listener is not self._listener:
+                # Refuse (or stop) came between the accept call and here
+                # (trio checkpoints after a successful accept): the
+                # connection belongs to a closed port, so it goes too.
+                _close_socket(stream, reset=False)
+                return
+            if isinstance(self.fault, Reset):
+                _close_socket(stream, reset=True)
+                continue
+            # Registered before its task runs, so that a fault applied in
+            # between finds it: set_fault() promises to act on every
+            # connection accepted so far.
+            link = _Link(stream)
+            if self.record:
+                link.recording = _Recording()
+                self.recordings.append(link.recording)
+            self._links.add(link)
+            self._nursery.start_soon(self._serve_link, link)
 
     # -------------------------------------------------------- forwarding
 
-    async def _serve_link(self, downstream: trio.SocketStream) -> None:
-        if isinstance(self.fault, Reset):
-            _close_socket(downstream, reset=True)
-            return
-        link = _Link(downstream)
-        if self.record:
-            link.recording = _Recording()
-            self.recordings.append(link.recording)
-        self._links.add(link)
+    async def _serve_link(self, link: _Link) -> None:
         try:
             with link.cancel_scope:
                 try:
