@@ -9,6 +9,8 @@ cd "$ROOT"
 ensure_packages memcached:memcached postmap:postfix
 # postfix-lmdb ships no command of its own: check for its dictionary plugin.
 if ! postconf -m 2>/dev/null | grep -qx lmdb; then _apt_install postfix-lmdb; fi
+# libmemcached computes the golden vectors of the ketama ring tests.
+if ! ldconfig -p | grep -q 'libmemcached\.so\.11'; then _apt_install libmemcached11; fi
 ensure_venv test
 
 echo "== ruff"
