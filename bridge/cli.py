@@ -118,7 +118,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for name, table in config.tables.items():
         backup = table.backup or "none"
         print(
-            f"table {name}: memcache {table.memcache}, key_format {table.key_format.text!r}, "
+            f"table {name}: memcache {' '.join(str(s.endpoint) for s in table.memcache)}, "
+            f"key_format {table.key_format.text!r}, "
             f"backup {backup}"
         )
     return EXIT_OK

@@ -56,6 +56,7 @@ from bridge.keys import (
 )
 from bridge.maps import validate_spec
 from bridge.maps.base import MapError
+from bridge.memcache.ring import PoolServer
 from bridge.postfix_text import WHITESPACE, logical_lines
 
 if sys.version_info >= (3, 11):
@@ -136,6 +137,8 @@ ParameterKind = Literal[
     "mode",  # octal file permissions
     "user",  # user name or uid
     "group",  # group name or gid
+    "servers",  # one memcache endpoint or a pool of them
+    "ketama_hash",  # one_at_a_time | md5
 ]
 
 
@@ -163,8 +166,9 @@ PARAMETERS: tuple[Parameter, ...] = (
         "memcache",
         "inet:localhost:11211",
         None,
-        "endpoint",
-        "The memcache server: inet:HOST:PORT, inet:[ADDR]:PORT or unix:PATH.",
+        "servers",
+        "The memcache server: inet:HOST:PORT, inet:[ADDR]:PORT or unix:PATH; or a pool: a "
+        "list of them (TOML array; items may be {endpoint, weight} tables), placed by ketama.",
         postfix=True,
     ),
     Parameter(
@@ -289,6 +293,29 @@ PARAMETERS: tuple[Parameter, ...] = (
         None,
         "domains",
         "Domains whose addresses may be searched by bare local part (address_search).",
+    ),
+    Parameter(
+        "ketama_hash",
+        "one_at_a_time",
+        None,
+        "ketama_hash",
+        "Key hash of a pool's ketama ring: one_at_a_time (libmemcached's default, pylibmc "
+        "ketama) or md5 (libketama, weighted).",
+    ),
+    Parameter(
+        "eject_after",
+        "0",
+        0,
+        "integer",
+        "Take a pool server out of the ring after this many failures in a row (its keys move); "
+        "0 = never.",
+    ),
+    Parameter(
+        "retry_after",
+        "60",
+        None,
+        "seconds",
+        "Seconds an ejected pool server stays out of the ring.",
     ),
     Parameter(
         "hot_cache_ttl",
@@ -490,7 +517,7 @@ class TableConfig:
     name: str
     source: str
     base_dir: str
-    memcache: Endpoint
+    memcache: tuple[PoolServer, ...]
     backup: str | None
     flags: int
     ttl: int
@@ -508,6 +535,9 @@ class TableConfig:
     address_search: tuple[str, ...]
     recipient_delimiter: str
     local_domains: tuple[str, ...]
+    ketama_hash: str = "one_at_a_time"
+    eject_after: int = 0
+    retry_after: float = 60.0
     hot_cache_ttl: float = 0.0
     hot_cache_size: int = 10000
 
@@ -737,6 +767,39 @@ def _endpoint(setting: _Setting) -> Endpoint:
         raise _Invalid(str(exc)) from None
 
 
+def _servers(setting: _Setting) -> tuple[PoolServer, ...]:
+    """One memcache server, or a pool: a TOML array, or endpoints separated by spaces/commas."""
+    raw = setting.value
+    items = raw if isinstance(raw, list) else [raw]
+    servers: list[PoolServer] = []
+    for item in items:
+        weight, spelled = 1, item
+        if isinstance(item, dict):
+            unknown = set(item) - {"endpoint", "weight"}
+            if unknown or "endpoint" not in item:
+                raise _Invalid('a pool entry is {endpoint = "inet:HOST:PORT", weight = N}')
+            weight = _integer(item.get("weight", 1), 1)
+            spelled = item["endpoint"]
+        for text in re.split(r"[\s,]+", _text(spelled)):
+            if not text:
+                continue
+            endpoint = _endpoint(_Setting(text, setting.file, setting.line, setting.base_dir))
+            servers.append(PoolServer(endpoint, weight))
+    if not servers:
+        # MC-3: unlike other empty values, an empty server is not "none".
+        raise _Invalid("empty value: a server is required (inet:HOST:PORT or unix:PATH)")
+    if len({server.endpoint for server in servers}) != len(servers):
+        raise _Invalid("a server is listed twice")
+    return tuple(servers)
+
+
+def _ketama_hash(value: object) -> str:
+    text = _text(value).strip()
+    if text not in ("one_at_a_time", "md5"):
+        raise _Invalid(f'must be "one_at_a_time" or "md5", not {value!r}')
+    return text
+
+
 def _table_spec(setting: _Setting, *, writable: bool = False) -> str | None:
     text = _text(setting.value).strip()
     if not text:
@@ -823,18 +886,14 @@ _CONVERTERS: Mapping[str, Callable[[_Setting, Parameter], object]] = {
     "delimiter": lambda setting, param: _delimiter(setting),
     "domains": lambda setting, param: _domains(setting),
     "seconds": lambda setting, param: _seconds(setting.value),
+    "servers": lambda setting, param: _servers(setting),
+    "ketama_hash": lambda setting, param: _ketama_hash(setting.value),
 }
 
 
 def _take(values: Mapping[str, object], name: str, kind: type[_T]) -> _T:
     value = values[name]
     assert isinstance(value, kind), (name, value)
-    return value
-
-
-def _take_endpoint(values: Mapping[str, object], name: str) -> Endpoint:
-    value = values[name]
-    assert isinstance(value, InetEndpoint | UnixEndpoint), (name, value)
     return value
 
 
@@ -990,7 +1049,7 @@ def _table_config(
         name=name,
         source=source,
         base_dir=base_dir,
-        memcache=_take_endpoint(values, "memcache"),
+        memcache=_take(values, "memcache", tuple),
         backup=_take_optional(values, "backup", str),
         flags=_take(values, "flags", int),
         ttl=_take(values, "ttl", int),
@@ -1008,6 +1067,9 @@ def _table_config(
         address_search=_take(values, "address_search", tuple),
         recipient_delimiter=_take(values, "recipient_delimiter", str),
         local_domains=_take(values, "local_domains", tuple),
+        ketama_hash=_take(values, "ketama_hash", str),
+        eject_after=_take(values, "eject_after", int),
+        retry_after=_take(values, "retry_after", float),
         hot_cache_ttl=_take(values, "hot_cache_ttl", float),
         hot_cache_size=_take(values, "hot_cache_size", int),
     )

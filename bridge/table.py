@@ -42,7 +42,8 @@ from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
 from bridge.keys import address_search_keys, fold_key, make_digest, memcache_key
 from bridge.maps import open_map
 from bridge.maps.base import LookupMap, MapError, SequenceMap, WritableMap
-from bridge.memcache.client import MemcacheClient, MemcacheSettings
+from bridge.memcache.client import MemcacheSettings
+from bridge.memcache.pool import MemcachePool
 from bridge.outcome import (
     NOT_FOUND,
     WRITTEN,
@@ -100,7 +101,7 @@ class Table:
     def __init__(
         self,
         config: TableConfig,
-        memcache: MemcacheClient,
+        memcache: MemcachePool,
         backup: LookupMap | None,
         domain_maps: Mapping[str, LookupMap],
     ) -> None:
@@ -162,7 +163,14 @@ class Table:
             line_size_limit=config.line_size_limit,
             data_size_limit=config.data_size_limit,
         )
-        return cls(config, MemcacheClient(config.memcache, settings), backup, domain_maps)
+        memcache = MemcachePool(
+            config.memcache,
+            settings,
+            ketama_hash=config.ketama_hash,
+            eject_after=config.eject_after,
+            retry_after=config.retry_after,
+        )
+        return cls(config, memcache, backup, domain_maps)
 
     async def aclose(self) -> None:
         await self._memcache.aclose()

@@ -28,6 +28,7 @@ from bridge.config import (
 )
 from bridge.endpoint import InetEndpoint, UnixEndpoint
 from bridge.keys import DomainFilter, DomainLiteral, KeyTemplate
+from bridge.memcache.ring import PoolServer
 
 SOCKETMAP_LISTENER = """
 [[listen]]
@@ -445,7 +446,7 @@ def test_defaults(tmp_path: Path) -> None:
         name="t",
         source=str(tmp_path / "bridge.toml"),
         base_dir=str(tmp_path),
-        memcache=InetEndpoint("localhost", 11211),
+        memcache=(PoolServer(InetEndpoint("localhost", 11211)),),
         backup=None,
         flags=0,
         ttl=3600,
@@ -533,7 +534,7 @@ def test_example_configuration(tmp_path: Path) -> None:
     cf_path = str(tmp_path / "cf" / "memcache-verify.cf")
     assert verify.source == f"{toml_path} (via {cf_path})"
     # The TOML key overrides the .cf value; the rest comes from the .cf.
-    assert verify.memcache == InetEndpoint("127.0.0.1", 11212)
+    assert verify.memcache == (PoolServer(InetEndpoint("127.0.0.1", 11212)),)
     assert verify.key_format == KeyTemplate.parse("verify:%s")
     assert verify.ttl == 600
     assert verify.fold_case is False
@@ -564,7 +565,7 @@ def test_toml_override_hides_bad_cf_value(tmp_path: Path) -> None:
 def test_relative_paths(tmp_path: Path) -> None:
     write(tmp_path, "etc/t.cf", b"memcache = unix:mc.sock\n")
     table = load_table(tmp_path, 'config = "etc/t.cf"\nbackup = "texthash:aliases"')
-    assert table.memcache == UnixEndpoint(str(tmp_path / "etc" / "mc.sock"))
+    assert table.memcache == (PoolServer(UnixEndpoint(str(tmp_path / "etc" / "mc.sock"))),)
     # backup came from the TOML: it resolves against the TOML's directory.
     assert table.base_dir == str(tmp_path)
 
