@@ -37,6 +37,7 @@ from bridge.outcome import (
 )
 from bridge.server import serve_until_signalled
 from bridge.table import NoSequence, Table, close_tables, open_tables
+from bridge.workers import run_workers
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -85,6 +86,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if tables is None:
         return EXIT_CONFIG
     _raise_open_files_limit()
+    if config.workers > 1:
+        # Each worker opens its own tables after the fork.
+        trio.run(close_tables, tables)
+        return run_workers(config, config.workers)
     trio.run(serve_until_signalled, config, tables)
     return EXIT_OK
 

@@ -430,6 +430,13 @@ TOP_LEVEL_PARAMETERS: tuple[Parameter, ...] = (
         "Lowest level logged: debug, info, warning, error or critical.",
     ),
     Parameter(
+        "workers",
+        "1",
+        1,
+        "integer",
+        "Serving processes sharing the listeners (one core each); above 1 a supervisor forks them.",
+    ),
+    Parameter(
         "user",
         "",
         None,
@@ -570,6 +577,7 @@ class BridgeConfig:
     #: uid and gid to switch to after binding; None = keep.
     user: int | None = None
     group: int | None = None
+    workers: int = 1
 
 
 # ----------------------------------------------------------- the .cf file
@@ -1367,6 +1375,12 @@ def load_config(path: str) -> BridgeConfig:
                 identity[key] = convert(raw[key])
             except _Invalid as exc:
                 problems.append(ConfigProblem(toml.path, None, key, str(exc)))
+    workers = 1
+    if "workers" in raw:
+        try:
+            workers = _integer(raw["workers"], 1)
+        except _Invalid as exc:
+            problems.append(ConfigProblem(toml.path, None, "workers", str(exc)))
     if problems:
         raise ConfigError(problems)
     return BridgeConfig(
@@ -1376,4 +1390,5 @@ def load_config(path: str) -> BridgeConfig:
         log_level=log_level,
         user=identity["user"],
         group=identity["group"],
+        workers=workers,
     )

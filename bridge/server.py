@@ -100,10 +100,20 @@ class BridgeServer:
     """Serve the configured listeners until :meth:`shutdown` is called."""
 
     def __init__(
-        self, config: BridgeConfig, tables: Mapping[str, Table], *, drop_privileges: bool = True
+        self,
+        config: BridgeConfig,
+        tables: Mapping[str, Table],
+        *,
+        bound: list[BoundListener] | None = None,
     ) -> None:
+        """Args:
+        config: the configuration.
+        tables: its opened tables.
+        bound: listeners a supervising process bound already (workers);
+          None = bind them here, then drop privileges.
+        """
         self.config = config
-        self._drop_privileges = drop_privileges
+        self._bound = bound
         self.tables: Mapping[str, Table] = tables
         self._shutting_down = False
         self._accept_scope: trio.CancelScope | None = None
@@ -129,8 +139,9 @@ class BridgeServer:
         Raises:
           OSError: a listener cannot be bound (nothing is served then).
         """
-        bound = await self._bind_all()
-        if self._drop_privileges:
+        owns_sockets = self._bound is None
+        bound = bind_listeners(self.config) if self._bound is None else self._bound
+        if owns_sockets:
             drop_privileges(self.config)
         async with trio.open_nursery() as background:
             self._background = background
@@ -145,7 +156,8 @@ class BridgeServer:
                         task_status.started([item.address for item in bound])
                 for item in bound:
                     _close_listener(item.listener)
-                self._unlink_unix_sockets()
+                if owns_sockets:
+                    unlink_unix_sockets(self.config)
                 # Connections finish the request in hand and return; the
                 # deadline only ends those stuck on a slow backend or client.
                 connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
@@ -194,24 +206,6 @@ class BridgeServer:
         await close_tables(tables)
 
     # ------------------------------------------------------------- binding
-
-    async def _bind_all(self) -> list[BoundListener]:
-        bound: list[BoundListener] = []
-        try:
-            for config in self.config.listeners:
-                for listener in await _bind(config):
-                    bound.append(BoundListener(config, listener))
-        except BaseException:
-            for item in bound:
-                _close_listener(item.listener)
-            raise
-        return bound
-
-    def _unlink_unix_sockets(self) -> None:
-        for config in self.config.listeners:
-            if isinstance(config.endpoint, UnixEndpoint):
-                with contextlib.suppress(OSError):
-                    os.unlink(config.endpoint.path)
 
     # ----------------------------------------------------------- accepting
 
@@ -397,11 +391,34 @@ async def _serve_connection(
 # ---------------------------------------------------------------- binding
 
 
-async def _bind(config: ListenerConfig) -> list[stdlib_socket.socket]:
-    endpoint = config.endpoint
-    if isinstance(endpoint, InetEndpoint):
-        return await _bind_inet(endpoint, reuse_port=config.reuse_port)
-    return [_bind_unix(endpoint.path, config)]
+def bind_listeners(config: BridgeConfig) -> list[BoundListener]:
+    """Bind every configured listener, or none.
+
+    Raises:
+      OSError: a listener cannot be bound (those already bound are closed).
+    """
+    bound: list[BoundListener] = []
+    try:
+        for listener in config.listeners:
+            endpoint = listener.endpoint
+            if isinstance(endpoint, InetEndpoint):
+                sockets = _bind_inet(endpoint, reuse_port=listener.reuse_port)
+            else:
+                sockets = [_bind_unix(endpoint.path, listener)]
+            bound.extend(BoundListener(listener, sock) for sock in sockets)
+    except BaseException:
+        for item in bound:
+            item.listener.close()
+        raise
+    return bound
+
+
+def unlink_unix_sockets(config: BridgeConfig) -> None:
+    """Remove the socket files of unix listeners (at exit)."""
+    for listener in config.listeners:
+        if isinstance(listener.endpoint, UnixEndpoint):
+            with contextlib.suppress(OSError):
+                os.unlink(listener.endpoint.path)
 
 
 def _close_listener(sock: stdlib_socket.socket) -> None:
@@ -409,14 +426,14 @@ def _close_listener(sock: stdlib_socket.socket) -> None:
     sock.close()
 
 
-async def _bind_inet(endpoint: InetEndpoint, *, reuse_port: bool) -> list[stdlib_socket.socket]:
+def _bind_inet(endpoint: InetEndpoint, *, reuse_port: bool) -> list[stdlib_socket.socket]:
     """Bind every address the host name resolves to.
 
     Like trio.open_tcp_listeners, plus SO_REUSEPORT: a new instance can bind
     the same port while the old one drains, for upgrades without refusing
     a single connection.
     """
-    infos = await trio.socket.getaddrinfo(
+    infos = stdlib_socket.getaddrinfo(
         endpoint.host,
         endpoint.port,
         type=stdlib_socket.SOCK_STREAM,
@@ -486,6 +503,8 @@ def drop_privileges(config: BridgeConfig) -> None:
                 "running as root: set user = ... (and group) to drop privileges after binding"
             )
         return
+    if config.user is not None and os.geteuid() == config.user:
+        return  # already switched (a worker forked by the supervisor)
     if config.group is not None:
         os.setgroups([])
         os.setgid(config.group)
@@ -501,9 +520,17 @@ def drop_privileges(config: BridgeConfig) -> None:
 # ---------------------------------------------------------------- signals
 
 
-async def serve_until_signalled(config: BridgeConfig, tables: Mapping[str, Table]) -> None:
-    """Run the server; SIGHUP reloads, SIGTERM and SIGINT shut down cleanly."""
-    server = BridgeServer(config, tables)
+async def serve_until_signalled(
+    config: BridgeConfig,
+    tables: Mapping[str, Table],
+    bound: list[BoundListener] | None = None,
+) -> None:
+    """Run the server; SIGHUP reloads, SIGTERM and SIGINT shut down cleanly.
+
+    Args:
+      bound: listeners bound by a supervisor (workers); None = bind here.
+    """
+    server = BridgeServer(config, tables, bound=bound)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve)

@@ -1,0 +1,119 @@
+"""``workers = N``: several serving processes behind the same listeners.
+
+Theory of operation
+-------------------
+One Python process uses one core. With ``workers`` above 1 the bridge
+starts as a small supervisor that binds every listener (as root if a
+port or socket needs it), drops privileges, and forks the workers. Each
+worker inherits the listening sockets, opens its own tables (LMDB
+environments, connections and hot caches must not cross a fork), and
+runs the ordinary trio server; the kernel hands each new connection to
+one of the workers waiting in accept.
+
+The supervisor forwards SIGHUP (each worker reloads its configuration)
+and SIGTERM/SIGINT (each worker finishes the requests it holds and
+exits), restarts a worker that dies unexpectedly, and exits 0 once every
+worker has exited after a stop.
+
+Structured concurrency holds inside each worker; the supervisor runs no
+trio loop and no threads, only fork, signals and wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from types import FrameType
+
+import trio
+
+from bridge.config import BridgeConfig
+from bridge.server import (
+    BoundListener,
+    bind_listeners,
+    drop_privileges,
+    serve_until_signalled,
+    unlink_unix_sockets,
+)
+from bridge.table import open_tables
+
+_log = logging.getLogger("bridge.workers")
+
+#: A worker that dies within this many seconds of starting is restarted
+#: only after this pause, so a worker that cannot start does not spin.
+_RESTART_PAUSE = 1.0
+
+_FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+
+def _worker(config: BridgeConfig, bound: list[BoundListener]) -> int:
+    """The body of one forked worker; returns its exit status."""
+    for signum in _FORWARDED:
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        tables = open_tables(config)
+        trio.run(serve_until_signalled, config, tables, bound)
+    except Exception:
+        _log.exception("worker %d failed", os.getpid())
+        return 1
+    return 0
+
+
+def _spawn(config: BridgeConfig, bound: list[BoundListener]) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns here
+        status = 1
+        try:
+            status = _worker(config, bound)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+    return pid
+
+
+def run_workers(config: BridgeConfig, count: int) -> int:
+    """Supervise ``count`` worker processes until SIGTERM/SIGINT.
+
+    Returns:
+      0 after a clean stop, 1 if a worker could not be kept running.
+    """
+    bound = bind_listeners(config)
+    drop_privileges(config)
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    workers: dict[int, float] = {}
+    for signum in _FORWARDED:
+        signal.signal(signum, forward)
+    try:
+        for _ in range(count):
+            workers[_spawn(config, bound)] = time.monotonic()
+        _log.info("supervising %d workers: %s", count, ", ".join(map(str, workers)))
+        while workers:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            started = workers.pop(pid, None)
+            if started is None or stopping:
+                continue
+            _log.error("worker %d exited (status %d); restarting it", pid, status)
+            if time.monotonic() - started < _RESTART_PAUSE:
+                time.sleep(_RESTART_PAUSE)
+            if not stopping:
+                workers[_spawn(config, bound)] = time.monotonic()
+    finally:
+        for item in bound:
+            item.listener.close()
+        unlink_unix_sockets(config)
+    return 0
