@@ -209,6 +209,7 @@ def bench_servers(
     key_format: str = DEFAULT_KEY_FORMAT,
     table_extra: Sequence[str] = (),
     listen_extra: Sequence[str] = (),
+    top_extra: Sequence[str] = (),
 ) -> Iterator[BenchServers]:
     """Start and seed memcached, start the bridge, write the native ``.cf``.
 
@@ -223,6 +224,7 @@ def bench_servers(
         built from ``%s`` and literal text.
       table_extra: TOML lines added verbatim to the bridge's table section.
       listen_extra: TOML lines added verbatim to each listener section.
+      top_extra: TOML lines added verbatim at the top (e.g. ``workers = 2``).
 
     Yields:
       The running servers.
@@ -251,6 +253,7 @@ def bench_servers(
                 key_format=key_format,
                 table_extra=table_extra,
                 listen_extra=listen_extra,
+                top_extra=top_extra,
             )
         )
         with run_bridge(config) as bridge:
@@ -273,13 +276,16 @@ def _bridge_toml(
     key_format: str,
     table_extra: Sequence[str],
     listen_extra: Sequence[str],
+    top_extra: Sequence[str] = (),
 ) -> str:
+    top_lines = "".join(line + "\n" for line in top_extra)
     listen_lines = "".join(line + "\n" for line in listen_extra)
     table_lines = "".join(line + "\n" for line in table_extra)
     return (
         # info, not warning: the harness waits for the "ready" info line.
         # Nothing is logged per lookup at info, so logging costs no time.
         'log_level = "info"\n'
+        f"{top_lines}"
         "[[listen]]\n"
         f'endpoint = "inet:127.0.0.1:{socketmap_port}"\n'
         'protocol = "socketmap"\n'
@@ -541,6 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOML",
         help="a TOML line added verbatim to each bridge listener section (repeatable)",
     )
+    parser.add_argument(
+        "--top-extra",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="a TOML line added verbatim at the top of the bridge's file, e.g. 'workers = 2'",
+    )
     parser.add_argument("--label", default="", help="a name for this configuration, printed")
     return parser
 
@@ -573,10 +586,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"table extra: {line}")
     for line in args.listen_extra:
         print(f"listen extra: {line}")
+    for line in args.top_extra:
+        print(f"top extra: {line}")
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as scratch_name:
         scratch = Path(scratch_name)
         with bench_servers(
-            scratch, args.keys, table_extra=args.bridge_extra, listen_extra=args.listen_extra
+            scratch,
+            args.keys,
+            table_extra=args.bridge_extra,
+            listen_extra=args.listen_extra,
+            top_extra=args.top_extra,
         ) as servers:
             slices = {count: write_slices(scratch, servers.keys, count) for count in clients}
             warmup_dir = scratch / "warmup"
