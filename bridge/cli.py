@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -24,6 +25,7 @@ import trio
 
 from bridge import __version__
 from bridge.config import BridgeConfig, ConfigError, load_config
+from bridge.endpoint import InetEndpoint
 from bridge.loader import DEFAULT_BATCH_SIZE, ProgressBar, load_entries
 from bridge.maps.base import MapError
 from bridge.outcome import (
@@ -35,6 +37,7 @@ from bridge.outcome import (
     WriteOutcome,
     Written,
 )
+from bridge.protocol import socketmap, tcptable
 from bridge.server import serve_until_signalled
 from bridge.table import NoSequence, Table, close_tables, open_tables
 from bridge.workers import run_workers
@@ -92,6 +95,72 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return run_workers(config, config.workers)
     trio.run(serve_until_signalled, config, tables)
     return EXIT_OK
+
+
+#: The key the health probe looks up: any answer but a failure is healthy.
+_HEALTH_PROBE_KEY = b"postfix-bridge-health-check"
+
+#: How long the health check waits for the daemon (Docker's own default
+#: HEALTHCHECK timeout is 30 s; a healthy bridge answers in milliseconds).
+_HEALTH_TIMEOUT = 10.0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """Ask the running daemon whether it is healthy (Docker HEALTHCHECK, monitoring).
+
+    With a [metrics] endpoint: GET /healthz (memcache probes included).
+    Otherwise: one probe lookup through the first listener, which fails
+    when the daemon is down or its memcache is failing (TEMP/PERM).
+    """
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        if config.metrics_endpoint is not None:
+            healthy, report = _healthz(config.metrics_endpoint)
+        else:
+            healthy, report = _probe_listener(config)
+    except OSError as exc:
+        healthy, report = False, f"daemon not reachable: {exc}"
+    print(report)
+    return EXIT_OK if healthy else EXIT_NOT_FOUND
+
+
+def _healthz(endpoint: InetEndpoint) -> tuple[bool, str]:
+    with socket.create_connection((endpoint.host, endpoint.port), timeout=_HEALTH_TIMEOUT) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\nHost: bridge\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
+    return status == b"200", body.decode("utf-8", "replace").strip()
+
+
+def _probe_listener(config: BridgeConfig) -> tuple[bool, str]:
+    listener = config.listeners[0]
+    endpoint = listener.endpoint
+    if isinstance(endpoint, InetEndpoint):
+        address: tuple[str, int] | str = (endpoint.host, endpoint.port)
+        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    else:
+        address, family = endpoint.path, socket.AF_UNIX
+    table = listener.table or next(iter(config.tables))
+    if listener.protocol == "socketmap":
+        request = socketmap.encode_request(table, _HEALTH_PROBE_KEY)
+    else:
+        request = tcptable.encode_tcp_request(_HEALTH_PROBE_KEY)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(_HEALTH_TIMEOUT)
+        sock.connect(address)
+        sock.sendall(request)
+        reply = sock.recv(65536)
+    if listener.protocol == "socketmap":
+        healthy = reply.split(b":", 1)[-1].startswith((b"OK", b"NOTFOUND"))
+    else:
+        healthy = reply[:1] in (b"2", b"5")
+    text = reply.decode("ascii", "replace").strip()
+    return healthy, f"{endpoint} table {table}: {text or 'no reply'}"
 
 
 def _raise_open_files_limit() -> None:
@@ -311,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     dump = command("dump", "list the backup's entries as key<TAB>value lines")
     dump.add_argument("table", help="table name")
     dump.set_defaults(handler=lambda args: _run_on_table(args, _dump))
+
+    health = command("health", "ask the running daemon whether it is healthy (exit 0 / 1)")
+    health.set_defaults(handler=_cmd_health)
 
     load = command("load", "bulk-load a postmap source file into a writable table")
     load.add_argument("table", help="table name")

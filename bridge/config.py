@@ -454,11 +454,29 @@ TOP_LEVEL_PARAMETERS: tuple[Parameter, ...] = (
     ),
 )
 
+#: Keys of the ``[metrics]`` section (optional).
+METRICS_PARAMETERS: tuple[Parameter, ...] = (
+    Parameter(
+        "endpoint",
+        None,
+        None,
+        "endpoint",
+        "Where /metrics (Prometheus text) and /healthz are served: inet:HOST:PORT. Required.",
+    ),
+    Parameter(
+        "health_interval",
+        "10",
+        None,
+        "seconds",
+        "Seconds between the memcache probes that /healthz reports.",
+    ),
+)
+
 _PARAMETERS_BY_NAME: Mapping[str, Parameter] = {p.name: p for p in PARAMETERS}
 _LISTENER_PARAMETERS_BY_NAME: Mapping[str, Parameter] = {p.name: p for p in LISTENER_PARAMETERS}
 #: The memcache_table(5) names: the only names a .cf file can set (MC-1).
 _POSTFIX_NAMES = frozenset(p.name for p in PARAMETERS if p.postfix)
-_TOP_LEVEL_KEYS = ("listen", "tables", *(p.name for p in TOP_LEVEL_PARAMETERS))
+_TOP_LEVEL_KEYS = ("listen", "tables", "metrics", *(p.name for p in TOP_LEVEL_PARAMETERS))
 
 #: Postfix keeps integer parameters in a C int (MC-2).
 _INT_MIN = -(2**31)
@@ -574,6 +592,9 @@ class BridgeConfig:
     listeners: tuple[ListenerConfig, ...]
     tables: Mapping[str, TableConfig]
     log_level: str
+    #: where /metrics and /healthz are served; None = no metrics listener
+    metrics_endpoint: InetEndpoint | None = None
+    health_interval: float = 10.0
     #: uid and gid to switch to after binding; None = keep.
     user: int | None = None
     group: int | None = None
@@ -1327,6 +1348,48 @@ def _log_level(raw: Mapping[str, object], toml: _TomlFile) -> tuple[str, list[Co
     return param.default, [ConfigProblem(toml.path, None, param.name, message)]
 
 
+def _metrics_section(
+    raw: object, toml: _TomlFile
+) -> tuple[InetEndpoint | None, float, list[ConfigProblem]]:
+    """``[metrics]``: endpoint (inet only) and health_interval."""
+    if raw is None:
+        return None, 10.0, []
+    problems: list[ConfigProblem] = []
+
+    def problem(key: str | None, message: str) -> None:
+        problems.append(
+            ConfigProblem(toml.path, None, f"metrics.{key}" if key else "metrics", message)
+        )
+
+    if not isinstance(raw, dict):
+        problem(None, f"must be a table ([metrics]), not {_toml_type(raw)}")
+        return None, 10.0, problems
+    for key, message in _unknown_keys(raw, ("endpoint", "health_interval")):
+        problem(key, message)
+    endpoint: InetEndpoint | None = None
+    if "endpoint" not in raw:
+        problem("endpoint", 'missing: e.g. endpoint = "inet:127.0.0.1:9464"')
+    else:
+        try:
+            parsed = _endpoint(_Setting(raw["endpoint"], toml.path, None, toml.base_dir))
+        except _Invalid as exc:
+            problem("endpoint", str(exc))
+        else:
+            if isinstance(parsed, InetEndpoint):
+                endpoint = parsed
+            else:
+                problem("endpoint", "must be inet:HOST:PORT (HTTP for Prometheus)")
+    interval = 10.0
+    if "health_interval" in raw:
+        try:
+            interval = _seconds(raw["health_interval"])
+        except _Invalid as exc:
+            problem("health_interval", str(exc))
+        if interval <= 0:
+            problem("health_interval", "must be above 0 seconds")
+    return endpoint, interval, problems
+
+
 def load_config(path: str) -> BridgeConfig:
     """Read and check the whole configuration.
 
@@ -1375,6 +1438,8 @@ def load_config(path: str) -> BridgeConfig:
                 identity[key] = convert(raw[key])
             except _Invalid as exc:
                 problems.append(ConfigProblem(toml.path, None, key, str(exc)))
+    metrics_endpoint, health_interval, metrics_problems = _metrics_section(raw.get("metrics"), toml)
+    problems.extend(metrics_problems)
     workers = 1
     if "workers" in raw:
         try:
@@ -1391,4 +1456,6 @@ def load_config(path: str) -> BridgeConfig:
         user=identity["user"],
         group=identity["group"],
         workers=workers,
+        metrics_endpoint=metrics_endpoint,
+        health_interval=health_interval,
     )

@@ -44,13 +44,14 @@ import pwd
 import signal
 import socket as stdlib_socket
 import stat
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
-from bridge import netio
+from bridge import http, metrics, netio
 from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
 from bridge.endpoint import InetEndpoint, UnixEndpoint
 from bridge.outcome import ConfigFailure, Outcome
@@ -145,6 +146,12 @@ class BridgeServer:
             drop_privileges(self.config)
         async with trio.open_nursery() as background:
             self._background = background
+            if self.config.metrics_endpoint is not None:
+                metrics.enable()
+                await background.start(http.serve_metrics, self.config.metrics_endpoint)
+                background.start_soon(
+                    http.probe_forever, lambda: self.tables, self.config.health_interval
+                )
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
@@ -189,12 +196,14 @@ class BridgeServer:
             tables = open_tables(config)
         except ConfigError as exc:
             _log.error("reload of %s failed, keeping the running configuration:\n%s", path, exc)
+            metrics.current.reload(ok=False)
             return False
         if config.listeners != self.config.listeners:
             _log.warning("reload: listener changes take effect only after a restart")
         old_tables = self.tables
         self.config, self.tables = config, tables
         _log.info("reloaded %s: %d tables", path, len(tables))
+        metrics.current.reload(ok=True)
         if self._background is not None:
             self._background.start_soon(self._close_later, old_tables)
         return True
@@ -251,6 +260,8 @@ class BridgeServer:
     async def _connection(
         self, connection: netio.Connection, config: ListenerConfig, release: Callable[[], None]
     ) -> None:
+        listener = str(config.endpoint)
+        metrics.current.connection_opened(listener)
         try:
             await _serve_connection(self, connection, config)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -260,6 +271,7 @@ class BridgeServer:
         except Exception:
             _log.exception("connection on %s failed", config.endpoint)
         finally:
+            metrics.current.connection_closed(listener)
             release()
             connection.close()
 
@@ -384,7 +396,9 @@ async def _serve_connection(
             # socketmap names the table in each request; a tcp listener serves one.
             name = event.name if isinstance(event, socketmap.SocketmapRequest) else config.table
             assert name is not None
+            started = time.perf_counter()
             outcome = await server.lookup(name, event.key)
+            metrics.current.request(name, dialect.name, outcome, time.perf_counter() - started)
             await server._send(connection, dialect.encode_reply(outcome))
 
 

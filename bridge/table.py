@@ -38,12 +38,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from bridge import metrics
 from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
 from bridge.keys import address_search_keys, fold_key, make_digest, memcache_key
 from bridge.maps import open_map
 from bridge.maps.base import LookupMap, MapError, SequenceMap, WritableMap
 from bridge.memcache.client import MemcacheSettings
 from bridge.memcache.pool import MemcachePool
+from bridge.metrics import TableHealth
 from bridge.outcome import (
     NOT_FOUND,
     WRITTEN,
@@ -172,6 +174,13 @@ class Table:
         )
         return cls(config, memcache, backup, domain_maps)
 
+    async def probe(self) -> TableHealth:
+        """Whether every memcache server of the table answers within its timeout now."""
+        failures = await self._memcache.probe()
+        if failures:
+            return TableHealth(False, "; ".join(failure.reason for failure in failures))
+        return TableHealth(True, "memcache answered")
+
     async def aclose(self) -> None:
         await self._memcache.aclose()
         if self._backup is not None:
@@ -231,6 +240,7 @@ class Table:
             return NOT_FOUND if cached is None else cached
         if isinstance(cached, Retry):
             _log.info("table %s: %s; answering from backup", self.name, cached.reason)
+        metrics.current.backup_lookup(self.name)
         backed = await self._backup.lookup(key)
         if isinstance(backed, Found):
             await self._refill(mc_key, backed.value)
@@ -462,6 +472,8 @@ class Table:
         )
         if isinstance(stored, Retry):
             _log.warning("table %s: refill failed: %s", self.name, stored.reason)
+        elif stored is True:
+            metrics.current.backup_refill(self.name)
 
     def _found(self, value: bytes) -> Outcome:
         return found_value(value, smtputf8=self.config.smtputf8, source=self.name)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import trio
 
-from bridge import netio
+from bridge import metrics, netio
 from bridge.endpoint import Endpoint, InetEndpoint
 from bridge.outcome import Retry
 from bridge.protocol.memcache import (
@@ -145,6 +145,7 @@ class MemcacheClient:
         pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
         self.endpoint = endpoint
+        self._name = str(endpoint)
         self.settings = settings
         self._idle: list[_Connection] = []
         self._pool_size = pool_size
@@ -220,6 +221,14 @@ class MemcacheClient:
             return result
         return isinstance(result, Deleted)
 
+    async def ping(self) -> Retry | None:
+        """One ``version`` exchange, no retries: None when the server answered in time."""
+        try:
+            await self._attempt(lambda protocol: protocol.send_version(), (Version,))
+        except _Failure as failure:
+            return Retry(f"memcache {self.endpoint}: {failure.reason}", timeout=failure.timeout)
+        return None
+
     async def aclose(self) -> None:
         """Close every pooled connection."""
         self._closed = True
@@ -258,9 +267,14 @@ class MemcacheClient:
         connection = await self._acquire()
         try:
             event = await self._exchange(connection, encode(connection.protocol))
+        except _Failure:
+            metrics.current.memcache_attempt(self._name, failed=True)
+            connection.close()
+            raise
         except BaseException:
             connection.close()
             raise
+        metrics.current.memcache_attempt(self._name, failed=False)
         self._release(connection)
         if not isinstance(event, definitive):
             raise _Failure(f"unexpected reply {type(event).__name__}")
@@ -340,5 +354,7 @@ class MemcacheClient:
                 f"timeout after {self.settings.timeout}s connecting", timeout=True, connect=True
             ) from None
         except OSError as exc:
+            metrics.current.memcache_attempt(self._name, failed=True)
             raise _Failure(f"connect: {exc.strerror or exc}", connect=True) from None
+        metrics.current.memcache_connect(self._name)
         return _Connection(netio.Connection.from_trio_stream(stream), self.settings)

@@ -124,6 +124,15 @@ class MemcachePool:
                 outcome = result
         return outcome
 
+    async def probe(self) -> list[Retry]:
+        """Ask every server for its version once; the failures, if any."""
+        failures = []
+        for client in self._clients.values():
+            failure = await client.ping()
+            if failure is not None:
+                failures.append(failure)
+        return failures
+
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()

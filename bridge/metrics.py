@@ -1,0 +1,250 @@
+"""Prometheus metrics and the health state, recorded from the request path.
+
+Theory of operation
+-------------------
+One :class:`Metrics` object per process holds a private
+``prometheus_client`` registry. The request path calls a few small
+methods (a request answered, a memcache round trip, a refill); each
+method resolves its labelled child once and caches it, so recording costs
+a dict lookup and an increment. When no ``[metrics]`` endpoint is
+configured the process uses :data:`DISABLED`, whose methods do nothing.
+
+The exposition (``/metrics``) and the health check (``/healthz``) are
+served by :mod:`bridge.http`; the health state lives here: each table's
+last memcache probe (every server answered ``version`` within the
+table's timeout) and whether the configuration is loaded.
+
+Metric names (all prefixed ``postfix_bridge_``):
+
+* ``requests_total{table,protocol,result}`` (result: found, notfound,
+  temp, timeout, perm) and ``request_seconds{table,protocol}``;
+* ``memcache_roundtrips_total{server}``, ``memcache_errors_total{server}``,
+  ``memcache_connects_total{server}``;
+* ``backup_lookups_total{table}``, ``backup_refills_total{table}``;
+* ``open_connections{listener}``;
+* ``config_reloads_total{result}`` (ok, failed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from bridge.outcome import ConfigFailure, Found, NotFound, Outcome, Retry
+
+#: Lookup latencies are mostly well under a millisecond; the upper buckets
+#: catch memcache timeouts and retry pauses (seconds).
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1, 2.5, 5, 10)
+
+
+def result_label(outcome: Outcome) -> str:
+    """The ``result`` label of an outcome, as the reply code says it."""
+    if isinstance(outcome, Found):
+        return "found"
+    if isinstance(outcome, NotFound):
+        return "notfound"
+    if isinstance(outcome, Retry):
+        return "timeout" if outcome.timeout else "temp"
+    assert isinstance(outcome, ConfigFailure)
+    return "perm"
+
+
+@dataclass
+class TableHealth:
+    """The last health probe of one table."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass
+class HealthState:
+    """What /healthz and ``postfix-bridge health`` report."""
+
+    config_loaded: bool = True
+    tables: dict[str, TableHealth] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.config_loaded and all(table.ok for table in self.tables.values())
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "status": "ok" if self.healthy else "unhealthy",
+            "config_loaded": self.config_loaded,
+            "tables": {
+                name: {"ok": table.ok, "detail": table.detail}
+                for name, table in sorted(self.tables.items())
+            },
+        }
+
+
+class Metrics:
+    """The process's metrics; see the module docstring for the names."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.health = HealthState()
+        prefix = "postfix_bridge_"
+        self._requests = Counter(
+            prefix + "requests_total",
+            "Lookups answered, by table, protocol and result.",
+            ["table", "protocol", "result"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            prefix + "request_seconds",
+            "Time from a complete request to its reply.",
+            ["table", "protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._roundtrips = Counter(
+            prefix + "memcache_roundtrips_total",
+            "Commands exchanged with a memcache server (each attempt counts).",
+            ["server"],
+            registry=self.registry,
+        )
+        self._errors = Counter(
+            prefix + "memcache_errors_total",
+            "Failed memcache attempts (bad reply, I/O error, timeout, refused).",
+            ["server"],
+            registry=self.registry,
+        )
+        self._connects = Counter(
+            prefix + "memcache_connects_total",
+            "New connections opened to a memcache server.",
+            ["server"],
+            registry=self.registry,
+        )
+        self._backup_lookups = Counter(
+            prefix + "backup_lookups_total",
+            "Lookups that went to the backup table.",
+            ["table"],
+            registry=self.registry,
+        )
+        self._refills = Counter(
+            prefix + "backup_refills_total",
+            "Backup answers copied into memcache.",
+            ["table"],
+            registry=self.registry,
+        )
+        self._connections = Gauge(
+            prefix + "open_connections",
+            "Client connections open now, by listener.",
+            ["listener"],
+            registry=self.registry,
+        )
+        self._reloads = Counter(
+            prefix + "config_reloads_total",
+            "Configuration reloads (SIGHUP), by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        # Labelled children, resolved once per label set.
+        self._children: dict[tuple[object, ...], object] = {}
+
+    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> object:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request(self, table: str, protocol: str, outcome: Outcome, seconds: float) -> None:
+        counter = self._child(self._requests, table, protocol, result_label(outcome))
+        assert isinstance(counter, Counter)
+        counter.inc()
+        histogram = self._child(self._latency, table, protocol)
+        assert isinstance(histogram, Histogram)
+        histogram.observe(seconds)
+
+    def memcache_attempt(self, server: str, failed: bool) -> None:
+        self._inc(self._roundtrips, server)
+        if failed:
+            self._inc(self._errors, server)
+
+    def memcache_connect(self, server: str) -> None:
+        self._inc(self._connects, server)
+
+    def backup_lookup(self, table: str) -> None:
+        self._inc(self._backup_lookups, table)
+
+    def backup_refill(self, table: str) -> None:
+        self._inc(self._refills, table)
+
+    def connection_opened(self, listener: str) -> None:
+        gauge = self._child(self._connections, listener)
+        assert isinstance(gauge, Gauge)
+        gauge.inc()
+
+    def connection_closed(self, listener: str) -> None:
+        gauge = self._child(self._connections, listener)
+        assert isinstance(gauge, Gauge)
+        gauge.dec()
+
+    def reload(self, ok: bool) -> None:
+        self._inc(self._reloads, "ok" if ok else "failed")
+        self.health.config_loaded = self.health.config_loaded or ok
+
+    def _inc(self, metric: Counter, label: str) -> None:
+        counter = self._child(metric, label)
+        assert isinstance(counter, Counter)
+        counter.inc()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
+
+
+class _DisabledMetrics(Metrics):
+    """Used when no [metrics] endpoint is configured: records nothing."""
+
+    enabled = False
+
+    def __init__(self) -> None:
+        self.health = HealthState()
+
+    def request(self, table: str, protocol: str, outcome: Outcome, seconds: float) -> None:
+        pass
+
+    def memcache_attempt(self, server: str, failed: bool) -> None:
+        pass
+
+    def memcache_connect(self, server: str) -> None:
+        pass
+
+    def backup_lookup(self, table: str) -> None:
+        pass
+
+    def backup_refill(self, table: str) -> None:
+        pass
+
+    def connection_opened(self, listener: str) -> None:
+        pass
+
+    def connection_closed(self, listener: str) -> None:
+        pass
+
+    def reload(self, ok: bool) -> None:
+        pass
+
+    def exposition(self) -> bytes:
+        return b""
+
+
+DISABLED: Metrics = _DisabledMetrics()
+
+#: The process's metrics: DISABLED until the server enables them.
+current: Metrics = DISABLED
+
+
+def enable() -> Metrics:
+    """Switch the process to recording metrics (once, at start)."""
+    global current
+    if not current.enabled:
+        current = Metrics()
+    return current
