@@ -27,6 +27,7 @@ from bridge import __version__
 from bridge.config import BridgeConfig, ConfigError, load_config
 from bridge.endpoint import InetEndpoint
 from bridge.loader import DEFAULT_BATCH_SIZE, ProgressBar, load_entries
+from bridge.logs import setup_logging
 from bridge.maps.base import MapError
 from bridge.outcome import (
     ConfigFailure,
@@ -50,15 +51,11 @@ EXIT_CONFIG = 78
 #: Where the Docker image and the systemd unit put the configuration.
 DEFAULT_CONFIG = "/etc/postfix-bridge/bridge.toml"
 
-_LOG_FORMAT = "%(asctime)s postfix-bridge[%(process)d]: %(levelname)s: %(message)s"
 
-
-def _setup_logging(level: str) -> None:
-    logging.addLevelName(logging.WARNING, "warning")
-    logging.addLevelName(logging.ERROR, "error")
-    logging.addLevelName(logging.INFO, "info")
-    logging.addLevelName(logging.DEBUG, "debug")
-    logging.basicConfig(stream=sys.stderr, format=_LOG_FORMAT, level=level.upper(), force=True)
+def _setup_logging(args: argparse.Namespace, config: BridgeConfig | None, default: str) -> None:
+    level = args.log_level or (config.log_level if config is not None else default)
+    log_format = args.log_format or (config.log_format if config is not None else "text")
+    setup_logging(level, log_format=log_format)
 
 
 def _load(path: str) -> BridgeConfig | None:
@@ -84,7 +81,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(args.log_level or config.log_level)
+    _setup_logging(args, config, "info")
     tables = _open(config)
     if tables is None:
         return EXIT_CONFIG
@@ -207,7 +204,7 @@ def _run_on_table(args: argparse.Namespace, command: TableCommand) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(args.log_level or "warning")
+    _setup_logging(args, None, "warning")
     if args.table not in config.tables:
         print(f"postfix-bridge: no table {args.table!r} in {config.path}", file=sys.stderr)
         return EXIT_CONFIG
@@ -354,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--log-level",
             choices=["debug", "info", "warning", "error"],
             help="override the configuration's log_level",
+        )
+        sub.add_argument(
+            "--log-format",
+            choices=["text", "json"],
+            help="override the configuration's log_format (json: one object per line)",
         )
         return sub
 

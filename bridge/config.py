@@ -139,6 +139,7 @@ ParameterKind = Literal[
     "group",  # group name or gid
     "servers",  # one memcache endpoint or a pool of them
     "ketama_hash",  # one_at_a_time | md5
+    "log_format",  # text | json
 ]
 
 
@@ -430,6 +431,13 @@ TOP_LEVEL_PARAMETERS: tuple[Parameter, ...] = (
         "Lowest level logged: debug, info, warning, error or critical.",
     ),
     Parameter(
+        "log_format",
+        "text",
+        None,
+        "log_format",
+        "text (one Postfix-like line per event) or json (one object per line, for log shippers).",
+    ),
+    Parameter(
         "workers",
         "1",
         1,
@@ -599,6 +607,7 @@ class BridgeConfig:
     user: int | None = None
     group: int | None = None
     workers: int = 1
+    log_format: str = "text"
 
 
 # ----------------------------------------------------------- the .cf file
@@ -1440,6 +1449,14 @@ def load_config(path: str) -> BridgeConfig:
                 problems.append(ConfigProblem(toml.path, None, key, str(exc)))
     metrics_endpoint, health_interval, metrics_problems = _metrics_section(raw.get("metrics"), toml)
     problems.extend(metrics_problems)
+    log_format = raw.get("log_format", "text")
+    if log_format not in ("text", "json"):
+        problems.append(
+            ConfigProblem(
+                toml.path, None, "log_format", f'must be "text" or "json", not {log_format!r}'
+            )
+        )
+        log_format = "text"
     workers = 1
     if "workers" in raw:
         try:
@@ -1456,6 +1473,7 @@ def load_config(path: str) -> BridgeConfig:
         user=identity["user"],
         group=identity["group"],
         workers=workers,
+        log_format=str(log_format),
         metrics_endpoint=metrics_endpoint,
         health_interval=health_interval,
     )

@@ -54,12 +54,16 @@ import trio
 from bridge import http, metrics, netio
 from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
 from bridge.endpoint import InetEndpoint, UnixEndpoint
-from bridge.outcome import ConfigFailure, Outcome
+from bridge.logs import ReasonLog
+from bridge.outcome import ConfigFailure, Outcome, Retry
 from bridge.protocol import socketmap, tcptable
 from bridge.protocol.events import NEED_DATA, ConnectionClosed, NeedData
 from bridge.table import Table, close_tables, open_tables
 
 _log = logging.getLogger("bridge.server")
+
+#: Every TEMP/TIMEOUT/PERM answer's reason, once per distinct cause per minute.
+_reasons = ReasonLog(_log)
 
 #: How long a reply may take to leave. Postfix waits 100 s per read
 #: (SM-12, TCP-9); a client that does not read for that long is gone.
@@ -399,6 +403,13 @@ async def _serve_connection(
             started = time.perf_counter()
             outcome = await server.lookup(name, event.key)
             metrics.current.request(name, dialect.name, outcome, time.perf_counter() - started)
+            if isinstance(outcome, Retry | ConfigFailure):
+                answer = (
+                    "TIMEOUT"
+                    if isinstance(outcome, Retry) and outcome.timeout
+                    else ("TEMP" if isinstance(outcome, Retry) else "PERM")
+                )
+                _reasons.warning(f"table {name}: {answer}: {outcome.reason}")
             await server._send(connection, dialect.encode_reply(outcome))
 
 

@@ -252,10 +252,9 @@ class MemcacheClient:
                 return await self._attempt(encode, definitive)
             except _Failure as failure:
                 last = failure
-                # Postfix logs only from the second failure on: a single
-                # dropped connection is routine and is retried silently.
-                if attempt > 1:
-                    _log.warning("memcache %s: %s", self.endpoint, failure.reason)
+                # The answer's reason is logged where it is answered
+                # (rate-limited); each attempt only at debug level.
+                _log.debug("memcache %s: attempt %d: %s", self.endpoint, attempt, failure.reason)
                 if failure.connect:
                     break
         assert last is not None

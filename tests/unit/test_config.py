@@ -431,7 +431,13 @@ def test_parameters_cover_table_config_fields() -> None:
     assert {p.name for p in LISTENER_PARAMETERS} == {
         f.name for f in dataclasses.fields(ListenerConfig)
     }
-    assert [p.name for p in TOP_LEVEL_PARAMETERS] == ["log_level", "workers", "user", "group"]
+    assert [p.name for p in TOP_LEVEL_PARAMETERS] == [
+        "log_level",
+        "log_format",
+        "workers",
+        "user",
+        "group",
+    ]
 
 
 def test_every_parameter_is_documented() -> None:
