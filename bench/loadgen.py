@@ -566,6 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOML",
         help="own bridge: a TOML line for each listener section (repeatable)",
     )
+    parser.add_argument(
+        "--top-extra",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="own bridge: a TOML line at the top of its file, e.g. 'workers = 2'",
+    )
     parser.add_argument("--label", default="", help="a name for this configuration, printed")
     return parser
 
@@ -615,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key_format=args.key_format,
             table_extra=args.bridge_extra,
             listen_extra=listen_extra,
+            top_extra=args.top_extra,
         ) as servers,
     ):
         print(f"own bridge: pid {servers.bridge.process.pid}, {args.keys} keys seeded")
