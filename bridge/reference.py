@@ -3,7 +3,7 @@
 README.md carries the rendered text between two marker lines; a test
 fails when the two drift apart. After changing a parameter, refresh it:
 
-    python -m bridge.reference --write README.md
+    python -m bridge.reference --write README.md --page docs/configuration.md
 """
 
 from __future__ import annotations
@@ -74,6 +74,31 @@ def render_reference() -> str:
     return "\n".join(lines)
 
 
+#: docs/configuration.md: the whole page is generated.
+CONFIGURATION_PAGE_HEAD = """# Configuration reference
+
+Generated from the parameter tables in `bridge/config.py` by
+`python -m bridge.reference --page docs/configuration.md`; a test fails when
+this page and the code disagree. The README explains each feature; this
+page lists every key with its default and minimum.
+
+A configuration is one TOML file. Relative paths in it are relative to its
+own directory; relative paths in a memcache_table(5) file read through
+`config =` are relative to that file's directory. Every error (unknown key,
+bad value, below minimum, missing file, bad template, unknown digest,
+unsupported table type) is reported at start with the file, the table and
+the key, and the daemon exits with status 78.
+
+"""
+
+
+def configuration_page() -> str:
+    """The whole of docs/configuration.md."""
+    body = render_reference().split("\n", 2)[2]  # without the marker line
+    body = body.rsplit("\n", 2)[0]  # and without the end marker
+    return CONFIGURATION_PAGE_HEAD + body.strip() + "\n"
+
+
 def replace_reference(document: str) -> str:
     """Return ``document`` with the text between the markers re-rendered.
 
@@ -88,13 +113,17 @@ def replace_reference(document: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--write", metavar="FILE", help="update the reference inside FILE")
+    parser.add_argument("--page", metavar="FILE", help="write the whole configuration page")
     args = parser.parse_args(argv)
+    if args.page:
+        with open(args.page, "w", encoding="utf-8") as handle:
+            handle.write(configuration_page())
     if args.write:
         with open(args.write, encoding="utf-8") as handle:
             document = handle.read()
         with open(args.write, "w", encoding="utf-8") as handle:
             handle.write(replace_reference(document))
-    else:
+    elif not args.page:
         print(render_reference())
     return 0
 
