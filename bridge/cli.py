@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from bridge import __version__
-from bridge.config import BridgeConfig, ConfigError, load_config
+from bridge.config import BridgeConfig, ConfigError, TableConfig, load_config
 from bridge.endpoint import InetEndpoint
+from bridge.keys import DomainLiteral
 from bridge.loader import DEFAULT_BATCH_SIZE, ProgressBar, load_entries
 from bridge.logs import setup_logging
 from bridge.maps.base import MapError
@@ -94,8 +95,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: The key the health probe looks up: any answer but a failure is healthy.
-_HEALTH_PROBE_KEY = b"postfix-bridge-health-check"
+#: The local part of the key the health probe looks up: any answer but a
+#: failure is healthy. It is an address so that key_format's %u/%d apply.
+_HEALTH_PROBE_USER = b"postfix-bridge-health-check"
 
 #: How long the health check waits for the daemon (Docker's own default
 #: HEALTHCHECK timeout is 30 s; a healthy bridge answers in milliseconds).
@@ -143,10 +145,11 @@ def _probe_listener(config: BridgeConfig) -> tuple[bool, str]:
     else:
         address, family = endpoint.path, socket.AF_UNIX
     table = listener.table or next(iter(config.tables))
+    key = _health_probe_key(config.tables[table])
     if listener.protocol == "socketmap":
-        request = socketmap.encode_request(table, _HEALTH_PROBE_KEY)
+        request = socketmap.encode_request(table, key)
     else:
-        request = tcptable.encode_tcp_request(_HEALTH_PROBE_KEY)
+        request = tcptable.encode_tcp_request(key)
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(_HEALTH_TIMEOUT)
         sock.connect(address)
@@ -158,6 +161,25 @@ def _probe_listener(config: BridgeConfig) -> tuple[bool, str]:
         healthy = reply[:1] in (b"2", b"5")
     text = reply.decode("ascii", "replace").strip()
     return healthy, f"{endpoint} table {table}: {text or 'no reply'}"
+
+
+def _health_probe_key(table: TableConfig) -> bytes:
+    """A key the table really sends to memcache.
+
+    A key outside the table's domain filter would be answered "not found"
+    without asking memcache (DOM-1), and the probe would say healthy while
+    memcache is down: use an address in the first domain the filter lists.
+    """
+    domain = b"postfix-bridge.invalid"
+    if table.domain is not None:
+        listed = [
+            item.domain
+            for item in table.domain.items
+            if isinstance(item, DomainLiteral) and not item.negated
+        ]
+        if listed:
+            domain = listed[0]
+    return _HEALTH_PROBE_USER + b"@" + domain
 
 
 def _raise_open_files_limit() -> None:

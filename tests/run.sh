@@ -11,6 +11,11 @@ ensure_packages memcached:memcached postmap:postfix
 if ! postconf -m 2>/dev/null | grep -qx lmdb; then _apt_install postfix-lmdb; fi
 # libmemcached computes the golden vectors of the ketama ring tests.
 if ! ldconfig -p | grep -q 'libmemcached\.so\.11'; then _apt_install libmemcached11; fi
+# The image test builds the Dockerfile with ../shared/container/build-image.sh
+# (buildah, podman, runc) when no Docker engine runs.
+if ! docker info >/dev/null 2>&1; then
+    ensure_packages buildah:buildah podman:podman runc:runc debootstrap:debootstrap
+fi
 ensure_venv test
 
 echo "== ruff"
@@ -18,6 +23,8 @@ echo "== ruff"
 "$VENV/bin/ruff" format --check .
 echo "== mypy --strict"
 "$VENV/bin/mypy"
+echo "== hadolint"
+"$VENV/bin/hadolint" Dockerfile
 echo "== pytest"
 # CI=true makes any skipped test a failure (tests/conftest.py); pytest's
 # exit status 5 (no tests collected) fails this script like any other.

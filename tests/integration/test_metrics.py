@@ -156,6 +156,8 @@ def test_health_command_without_metrics_probes_a_listener(
     config.write_text(
         f'[[listen]]\nendpoint = "inet:127.0.0.1:{sm}"\nprotocol = "socketmap"\n'
         f'[tables.aliases]\nmemcache = "inet:127.0.0.1:{mc_port}"\n'
+        # A filtered table: a probe key outside it would never reach memcache.
+        'domain = "example.com"\n'
     )
     assert _health_cli(config).returncode == 1  # no daemon yet
     with run_memcached(mc_port):
