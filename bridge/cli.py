@@ -7,6 +7,7 @@ cases apart:
 0     success (query: found)
 1     not found (query, delete), refused (read-only table), bad input lines (load)
 2     usage error (argparse)
+71    serve: a listener cannot be bound (EX_OSERR: address in use, permissions)
 75    query: temporary failure (EX_TEMPFAIL: memcache or backup trouble)
 78    configuration error (EX_CONFIG: the file names table and key)
 ====  =====================================================
@@ -40,12 +41,18 @@ from bridge.outcome import (
     Written,
 )
 from bridge.protocol import socketmap, tcptable
-from bridge.server import serve_until_signalled
+from bridge.server import (
+    bind_listeners,
+    drop_privileges,
+    serve_until_signalled,
+    unlink_unix_sockets,
+)
 from bridge.table import NoSequence, Table, close_tables, open_tables
 from bridge.workers import run_workers
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
+EXIT_OSERR = 71
 EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
 
@@ -87,11 +94,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if tables is None:
         return EXIT_CONFIG
     _raise_open_files_limit()
-    if config.workers > 1:
-        # Each worker opens its own tables after the fork.
+    try:
+        bound = bind_listeners(config)
+    except OSError as exc:
+        # Address in use, permission, bad socket-activation variables:
+        # nothing is served, and nothing was started.
+        print(f"postfix-bridge: cannot listen: {exc}", file=sys.stderr)
         trio.run(close_tables, tables)
-        return run_workers(config, config.workers)
-    trio.run(serve_until_signalled, config, tables)
+        return EXIT_OSERR
+    try:
+        drop_privileges(config)
+        if config.workers > 1:
+            # Each worker opens its own tables after the fork.
+            trio.run(close_tables, tables)
+            return run_workers(config, config.workers, bound)
+        trio.run(serve_until_signalled, config, tables, bound)
+    finally:
+        unlink_unix_sockets(bound)
     return EXIT_OK
 
 

@@ -51,7 +51,7 @@ from typing import Protocol
 
 import trio
 
-from bridge import http, metrics, netio
+from bridge import http, metrics, netio, systemd
 from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
 from bridge.endpoint import InetEndpoint, UnixEndpoint
 from bridge.logs import ReasonLog
@@ -91,6 +91,9 @@ class BoundListener:
 
     config: ListenerConfig
     listener: stdlib_socket.socket
+    #: Passed by the service manager (socket activation): its socket file
+    #: is the manager's, never chmod'ed, chown'ed or unlinked here.
+    inherited: bool = False
 
     @property
     def address(self) -> str:
@@ -168,7 +171,7 @@ class BridgeServer:
                 for item in bound:
                     _close_listener(item.listener)
                 if owns_sockets:
-                    unlink_unix_sockets(self.config)
+                    unlink_unix_sockets(bound)
                 # Connections finish the request in hand and return; the
                 # deadline only ends those stuck on a slow backend or client.
                 connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
@@ -422,10 +425,17 @@ def bind_listeners(config: BridgeConfig) -> list[BoundListener]:
     Raises:
       OSError: a listener cannot be bound (those already bound are closed).
     """
+    inherited = systemd.assign_inherited(
+        [listener.endpoint for listener in config.listeners], systemd.inherited_sockets()
+    )
     bound: list[BoundListener] = []
     try:
         for listener in config.listeners:
             endpoint = listener.endpoint
+            adopted = inherited.pop(endpoint, [])
+            if adopted:
+                bound.extend(BoundListener(listener, sock, inherited=True) for sock in adopted)
+                continue
             if isinstance(endpoint, InetEndpoint):
                 sockets = _bind_inet(endpoint, reuse_port=listener.reuse_port)
             else:
@@ -434,16 +444,20 @@ def bind_listeners(config: BridgeConfig) -> list[BoundListener]:
     except BaseException:
         for item in bound:
             item.listener.close()
+        for sockets in inherited.values():
+            for sock in sockets:
+                sock.close()
         raise
     return bound
 
 
-def unlink_unix_sockets(config: BridgeConfig) -> None:
-    """Remove the socket files of unix listeners (at exit)."""
-    for listener in config.listeners:
-        if isinstance(listener.endpoint, UnixEndpoint):
+def unlink_unix_sockets(bound: list[BoundListener]) -> None:
+    """Remove the socket files of the unix listeners bound here (at exit)."""
+    for item in bound:
+        endpoint = item.config.endpoint
+        if isinstance(endpoint, UnixEndpoint) and not item.inherited:
             with contextlib.suppress(OSError):
-                os.unlink(listener.endpoint.path)
+                os.unlink(endpoint.path)
 
 
 def _close_listener(sock: stdlib_socket.socket) -> None:
@@ -560,12 +574,17 @@ async def serve_until_signalled(
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve)
             _log.info("ready: listening on %s", ", ".join(addresses))
+            systemd.notify(systemd.ready_message(f"listening on {', '.join(addresses)}"))
 
             async def watch_signals() -> None:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await server.reload()
+                        systemd.notify(systemd.reloading_message())
+                        reloaded = await server.reload()
+                        status = "reloaded" if reloaded else "reload failed, old configuration"
+                        systemd.notify(systemd.ready_message(status))
                     else:
+                        systemd.notify(systemd.STOPPING)
                         server.shutdown()
                         return
 

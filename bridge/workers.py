@@ -30,13 +30,11 @@ from types import FrameType
 
 import trio
 
+from bridge import systemd
 from bridge.config import BridgeConfig
 from bridge.server import (
     BoundListener,
-    bind_listeners,
-    drop_privileges,
     serve_until_signalled,
-    unlink_unix_sockets,
 )
 from bridge.table import open_tables
 
@@ -53,6 +51,8 @@ def _worker(config: BridgeConfig, bound: list[BoundListener]) -> int:
     """The body of one forked worker; returns its exit status."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_DFL)
+    # Only the main pid may notify (NotifyAccess=main); the supervisor does.
+    os.environ.pop("NOTIFY_SOCKET", None)
     try:
         tables = open_tables(config)
         trio.run(serve_until_signalled, config, tables, bound)
@@ -74,23 +74,29 @@ def _spawn(config: BridgeConfig, bound: list[BoundListener]) -> int:
     return pid
 
 
-def run_workers(config: BridgeConfig, count: int) -> int:
+def run_workers(config: BridgeConfig, count: int, bound: list[BoundListener]) -> int:
     """Supervise ``count`` worker processes until SIGTERM/SIGINT.
+
+    Args:
+      bound: every listener, bound (and privileges dropped) by the caller.
 
     Returns:
       0 after a clean stop, 1 if a worker could not be kept running.
     """
-    bound = bind_listeners(config)
-    drop_privileges(config)
     stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         if signum != signal.SIGHUP:
             stopping = True
+            systemd.notify(systemd.STOPPING)
+        else:
+            systemd.notify(systemd.reloading_message())
         for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+        if signum == signal.SIGHUP:
+            systemd.notify(systemd.ready_message(f"reload forwarded to {len(workers)} workers"))
 
     workers: dict[int, float] = {}
     for signum in _FORWARDED:
@@ -99,6 +105,7 @@ def run_workers(config: BridgeConfig, count: int) -> int:
         for _ in range(count):
             workers[_spawn(config, bound)] = time.monotonic()
         _log.info("supervising %d workers: %s", count, ", ".join(map(str, workers)))
+        systemd.notify(systemd.ready_message(f"{count} workers"))
         while workers:
             try:
                 pid, status = os.wait()
@@ -113,7 +120,7 @@ def run_workers(config: BridgeConfig, count: int) -> int:
             if not stopping:
                 workers[_spawn(config, bound)] = time.monotonic()
     finally:
+        # The socket files are the caller's to remove, after this returns.
         for item in bound:
             item.listener.close()
-        unlink_unix_sockets(config)
     return 0
