@@ -30,6 +30,7 @@ replies are ``Retry``. Lookups never raise for server trouble.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -223,7 +224,115 @@ class ServerConnection:
         return AttemptFailed(Retry(reason), peer_closed=True)
 
 
-class SocketmapMap:
+#: Attempts per lookup on a chained server: the first, and one more on a
+#: fresh connection when the server had closed the old one (SM-15). Postfix's
+#: tcp client makes up to ten with 1 s pauses (TCP-10); for a backup chain a
+#: dead server must answer TEMP in seconds, so tcp gets the same two.
+MAX_ATTEMPTS: Final = 2
+
+
+class LookupServerClient:
+    """One request, one reply, over a persistent connection to a lookup server.
+
+    The part that socketmap: and tcp: tables share: one request at a time
+    (SM-13), a fresh connection when there is none, and at most one more
+    attempt, only when the server closed or reset the connection (SM-15;
+    TCP-10 as the bridge applies it). Any failure closes the connection,
+    so a stream can never be read out of step.
+
+    Subclasses supply the reply decoder: :meth:`_new_decoder`,
+    :meth:`_read_reply`, :meth:`_buffered` and the error classes.
+    """
+
+    #: Decoder errors that fail an attempt (the stream is closed after them).
+    _reply_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self, spec: str, endpoint: Endpoint, *, timeout: float) -> None:
+        self._spec = spec
+        self._lock = trio.Lock()
+        self._connection = ServerConnection(spec, endpoint, timeout=timeout)
+        self._closed = False
+
+    @property
+    def spec(self) -> str:
+        """The table as written in the configuration."""
+        return self._spec
+
+    async def aclose(self) -> None:
+        """Close the connection; later lookups answer ``Retry``. Idempotent."""
+        self._closed = True
+        await self._connection.close()
+
+    async def _exchange(
+        self, request: bytes, keep: Callable[[bytes], bool] | None = None
+    ) -> bytes | Retry:
+        """Send ``request``, return its reply, or the Retry the lookup answers.
+
+        Args:
+          keep: judges the reply; False closes the connection (tcp's 4xx,
+            TCP-6) before the next request can use it.
+        """
+        async with self._lock:
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    reply = await self._attempt(request)
+                except AttemptFailed as failure:
+                    if not failure.peer_closed or self._closed or attempt == MAX_ATTEMPTS:
+                        return failure.outcome
+                    # The server dropped the (probably idle) connection: a
+                    # fresh connection gets one more try, and that is final.
+                    _log.debug("table %s: %s; reconnecting once", self._spec, failure)
+                    continue
+                if keep is not None and not keep(reply):
+                    await self._connection.close()
+                return reply
+        raise AssertionError("unreachable: the last attempt always returns")
+
+    async def _attempt(self, request: bytes) -> bytes:
+        """Send ``request`` and read one reply, connecting first if needed.
+
+        Raises:
+          AttemptFailed: for any failure; the connection is closed by then.
+        """
+        if self._closed:
+            raise AttemptFailed(Retry(f"table {self._spec} is closed"), peer_closed=False)
+        if not self._connection.connected:
+            await self._connection.connect()
+            self._new_decoder()
+        try:
+            await self._connection.send_all(request)
+            reply = await self._read_reply()
+        except self._reply_errors as exc:
+            await self._connection.close()
+            reason = f"table {self._spec}: bad reply: {exc}"
+            raise AttemptFailed(Retry(reason), peer_closed=self._peer_closed(exc)) from None
+        except BaseException:
+            # Including cancellation: the stream may be mid-reply, so it can
+            # never be trusted again.
+            await self._connection.close()
+            raise
+        if self._buffered():
+            _log.warning(
+                "table %s: server sent more than one reply; closing the connection", self._spec
+            )
+            await self._connection.close()
+        return reply
+
+    def _new_decoder(self) -> None:
+        raise NotImplementedError
+
+    async def _read_reply(self) -> bytes:
+        raise NotImplementedError
+
+    def _buffered(self) -> int:
+        raise NotImplementedError
+
+    def _peer_closed(self, error: Exception) -> bool:
+        """Whether a decoder error means the server went away (worth the reconnect)."""
+        raise NotImplementedError
+
+
+class SocketmapMap(LookupServerClient):
     """A ``socketmap:`` table: lookups go to another socketmap server.
 
     Args:
@@ -233,6 +342,8 @@ class SocketmapMap:
       timeout: seconds for the connect and for each send or read wait.
     """
 
+    _reply_errors = (NetstringError,)
+
     def __init__(
         self,
         spec: str,
@@ -241,18 +352,10 @@ class SocketmapMap:
         smtputf8: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self._spec = spec
+        super().__init__(spec, target.endpoint, timeout=timeout)
         self._target = target
         self._smtputf8 = smtputf8
-        self._lock = trio.Lock()
-        self._connection = ServerConnection(spec, target.endpoint, timeout=timeout)
         self._decoder = NetstringDecoder(MAX_REPLY_PAYLOAD)
-        self._closed = False
-
-    @property
-    def spec(self) -> str:
-        """The table as written in the configuration."""
-        return self._spec
 
     @property
     def target(self) -> SocketmapTarget:
@@ -278,62 +381,25 @@ class SocketmapMap:
                 MAX_QUERY_KEY,
             )
             return NOT_FOUND
-        request = encode_request(self._target.name, key)
-        async with self._lock:
-            try:
-                payload = await self._attempt(request)
-            except AttemptFailed as first:
-                if not first.peer_closed or self._closed:
-                    return first.outcome
-                # SM-15: the server dropped the (probably idle) connection;
-                # one fresh connection gets one more try, and that is final.
-                _log.debug("table %s: %s; reconnecting once", self._spec, first)
-                try:
-                    payload = await self._attempt(request)
-                except AttemptFailed as second:
-                    return second.outcome
-        return parse_socketmap_reply(payload, check_utf8=self._smtputf8)
+        reply = await self._exchange(encode_request(self._target.name, key))
+        if isinstance(reply, Retry):
+            return reply
+        return parse_socketmap_reply(reply, check_utf8=self._smtputf8)
 
-    async def aclose(self) -> None:
-        """Close the connection; later lookups answer ``Retry``. Idempotent."""
-        self._closed = True
-        await self._connection.close()
+    def _new_decoder(self) -> None:
+        self._decoder = NetstringDecoder(MAX_REPLY_PAYLOAD)
 
-    async def _attempt(self, request: bytes) -> bytes:
-        """Send ``request`` and read one reply payload, connecting first if needed.
-
-        Raises:
-          AttemptFailed: for any failure; the connection is closed by then.
-        """
-        if self._closed:
-            raise AttemptFailed(Retry(f"table {self._spec} is closed"), peer_closed=False)
-        if not self._connection.connected:
-            await self._connection.connect()
-            self._decoder = NetstringDecoder(MAX_REPLY_PAYLOAD)
-        try:
-            await self._connection.send_all(request)
-            payload = await self._receive_reply()
-        except NetstringError as exc:
-            await self._connection.close()
-            reason = f"table {self._spec}: bad reply: {exc}"
-            # SM-6: only an "eof" error means the server went away; format
-            # and size errors are final (SM-16).
-            raise AttemptFailed(Retry(reason), peer_closed=exc.kind == "eof") from None
-        except BaseException:
-            # Including cancellation: the stream may be mid-reply, so it can
-            # never be trusted again.
-            await self._connection.close()
-            raise
-        if self._decoder.buffered_byte_count:
-            _log.warning(
-                "table %s: server sent more than one reply; closing the connection", self._spec
-            )
-            await self._connection.close()
-        return payload
-
-    async def _receive_reply(self) -> bytes:
+    async def _read_reply(self) -> bytes:
         while True:
             payload = self._decoder.next_payload()
             if payload is not NEED_DATA:
                 return payload
             self._decoder.receive_data(await self._connection.receive_some())
+
+    def _buffered(self) -> int:
+        return self._decoder.buffered_byte_count
+
+    def _peer_closed(self, error: Exception) -> bool:
+        # SM-6: only an "eof" error means the server went away; format and
+        # size errors are final (SM-16).
+        return isinstance(error, NetstringError) and error.kind == "eof"

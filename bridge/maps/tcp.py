@@ -17,7 +17,7 @@ dict_tcp.c, except for the retry schedule:
 * **deviation from TCP-10**: Postfix makes up to 10 attempts with a 1 s
   sleep between them, for any failed attempt (connect refused, reply cut
   short, reply too long). In a backup chain that is up to 10 s of stall
-  per lookup. This client makes at most :data:`MAX_ATTEMPTS` attempts, with
+  per lookup. This client makes at most :data:`bridge.maps.socketmap.MAX_ATTEMPTS` attempts, with
   no sleep, and only when the server closed or reset the connection (the
   case a stale idle connection produces, and the one a reconnect fixes).
   A connect failure, a time limit or an overlong reply line answers
@@ -31,13 +31,10 @@ out of step and its next line would answer the wrong lookup.
 from __future__ import annotations
 
 import logging
-from typing import Final
-
-import trio
 
 from bridge.endpoint import EndpointError, InetEndpoint, parse_host_port
 from bridge.maps.base import MapError
-from bridge.maps.socketmap import DEFAULT_TIMEOUT, AttemptFailed, ServerConnection
+from bridge.maps.socketmap import DEFAULT_TIMEOUT, LookupServerClient
 from bridge.outcome import Outcome, Retry
 from bridge.protocol.events import NEED_DATA
 from bridge.protocol.tcptable import (
@@ -48,12 +45,6 @@ from bridge.protocol.tcptable import (
 )
 
 _log = logging.getLogger("bridge.maps")
-
-#: Attempts per lookup when the server drops the connection: the first may
-#: hit a connection the server closed while idle, the second runs on a
-#: fresh one. More attempts would only stall the backup chain (TCP-10
-#: deviation, see the module docstring).
-MAX_ATTEMPTS: Final = 2
 
 
 def parse_tcp_target(text: str) -> InetEndpoint:
@@ -74,7 +65,7 @@ def parse_tcp_target(text: str) -> InetEndpoint:
         raise MapError(f"bad tcp table address {text!r}: {exc}") from None
 
 
-class TcpMap:
+class TcpMap(LookupServerClient):
     """A ``tcp:`` table: lookups go to a tcp_table server.
 
     Args:
@@ -84,6 +75,8 @@ class TcpMap:
       timeout: seconds for the connect and for each send or read wait.
     """
 
+    _reply_errors = (TcpTableError,)
+
     def __init__(
         self,
         spec: str,
@@ -92,21 +85,13 @@ class TcpMap:
         smtputf8: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self._spec = spec
+        super().__init__(spec, endpoint, timeout=timeout)
         self._endpoint = endpoint
         self._smtputf8 = smtputf8
-        self._lock = trio.Lock()
-        self._connection = ServerConnection(spec, endpoint, timeout=timeout)
         self._decoder = TcpReplyDecoder()
         # Whether the server closed its side of the current connection: tells
         # a reply cut short (worth a reconnect) from an overlong one.
-        self._peer_closed = False
-        self._closed = False
-
-    @property
-    def spec(self) -> str:
-        """The table as written in the configuration."""
-        return self._spec
+        self._eof_seen = False
 
     @property
     def endpoint(self) -> InetEndpoint:
@@ -124,74 +109,35 @@ class TcpMap:
           time-limit or protocol trouble (``timeout=True`` for time limits).
           Never raises for server trouble.
         """
-        request = encode_tcp_request(key)
-        async with self._lock:
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                try:
-                    line = await self._attempt(request)
-                except AttemptFailed as failure:
-                    if not failure.peer_closed or self._closed or attempt == MAX_ATTEMPTS:
-                        return failure.outcome
-                    _log.debug("table %s: %s; reconnecting", self._spec, failure)
-                    continue
-                outcome, keep_connection = parse_tcp_reply_line(line, check_utf8=self._smtputf8)
-                if not keep_connection:
-                    # TCP-6: after 4xx, an unknown status or a malformed
-                    # reply Postfix disconnects, and so do we.
-                    await self._connection.close()
-                return outcome
-        raise AssertionError("unreachable: the last attempt always returns")
+        line = await self._exchange(encode_tcp_request(key), keep=_keeps_connection)
+        if isinstance(line, Retry):
+            return line
+        outcome, _ = parse_tcp_reply_line(line, check_utf8=self._smtputf8)
+        return outcome
 
-    async def aclose(self) -> None:
-        """Close the connection; later lookups answer ``Retry``. Idempotent."""
-        self._closed = True
-        await self._connection.close()
+    def _new_decoder(self) -> None:
+        self._decoder = TcpReplyDecoder()
+        self._eof_seen = False
 
-    async def _attempt(self, request: bytes) -> bytes:
-        """Send ``request`` and read one reply line, connecting first if needed.
-
-        Raises:
-          AttemptFailed: for any failure; the connection is closed by then.
-        """
-        if self._closed:
-            raise AttemptFailed(Retry(f"table {self._spec} is closed"), peer_closed=False)
-        if not self._connection.connected:
-            await self._connection.connect()
-            self._decoder = TcpReplyDecoder()
-            self._peer_closed = False
-        try:
-            await self._connection.send_all(request)
-            line = await self._receive_line()
-        except TcpTableError as exc:
-            await self._connection.close()
-            reason = f"table {self._spec}: bad reply: {exc}"
-            # TCP-4/TCP-10: a reply cut short by the server closing earns the
-            # reconnect; an overlong line would only come back the same.
-            raise AttemptFailed(Retry(reason), peer_closed=self._peer_closed) from None
-        except BaseException:
-            # Including cancellation: the stream may be mid-reply, so it can
-            # never be trusted again.
-            await self._connection.close()
-            raise
-        if self._decoder.buffered_byte_count:
-            _log.warning(
-                "table %s: server sent more than one reply line; closing the connection",
-                self._spec,
-            )
-            await self._connection.close()
-        return line
-
-    async def _receive_line(self) -> bytes:
-        """Read one reply line (TCP-4), noting whether the server closed.
-
-        Raises:
-          TcpTableError: the line was cut short or too long.
-          AttemptFailed: the connection failed or timed out.
-        """
+    async def _read_reply(self) -> bytes:
+        """Read one reply line (TCP-4), noting whether the server closed."""
         while True:
             line = self._decoder.next_line()
             if line is not NEED_DATA:
                 return line
             data = await self._connection.receive_some()
-            self._peer_closed = not data
+            self._eof_seen = not data
             self._decoder.receive_data(data)
+
+    def _buffered(self) -> int:
+        return self._decoder.buffered_byte_count
+
+    def _peer_closed(self, error: Exception) -> bool:
+        # TCP-4/TCP-10: a reply cut short by the server closing earns the
+        # reconnect; an overlong line would only come back the same.
+        return self._eof_seen
+
+
+def _keeps_connection(line: bytes) -> bool:
+    """TCP-6: after 4xx, an unknown status or a malformed reply, Postfix disconnects."""
+    return parse_tcp_reply_line(line, check_utf8=False)[1]

@@ -22,8 +22,13 @@ from hypothesis import strategies as st
 
 from bridge.endpoint import InetEndpoint
 from bridge.maps import open_map
-from bridge.maps.socketmap import MAX_QUERY_KEY, SocketmapMap, parse_socketmap_target
-from bridge.maps.tcp import MAX_ATTEMPTS, TcpMap
+from bridge.maps.socketmap import (
+    MAX_ATTEMPTS,
+    MAX_QUERY_KEY,
+    SocketmapMap,
+    parse_socketmap_target,
+)
+from bridge.maps.tcp import TcpMap
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, Outcome, Retry
 
 #: Time limit for tests that expect a timeout: short, so the suite is quick.
