@@ -1463,6 +1463,11 @@ def load_config(path: str) -> BridgeConfig:
             workers = _integer(raw["workers"], 1)
         except _Invalid as exc:
             problems.append(ConfigProblem(toml.path, None, "workers", str(exc)))
+    if workers > 1 and metrics_endpoint is not None:
+        # Each worker would count only its own lookups, and only one could
+        # bind the port: /metrics would be wrong, not merely partial.
+        message = "not supported together with workers > 1 (each worker counts only its own)"
+        problems.append(ConfigProblem(toml.path, None, "metrics", message))
     if problems:
         raise ConfigError(problems)
     return BridgeConfig(
