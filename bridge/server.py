@@ -105,21 +105,18 @@ class BoundListener:
 
 
 class BridgeServer:
-    """Serve the configured listeners until :meth:`shutdown` is called."""
+    """Serve bound listeners until :meth:`shutdown` is called.
+
+    Args:
+      config: the configuration.
+      tables: its opened tables.
+      bound: every listener, bound by the caller (:func:`bind_listeners`),
+        which also drops privileges and removes socket files at exit.
+    """
 
     def __init__(
-        self,
-        config: BridgeConfig,
-        tables: Mapping[str, Table],
-        *,
-        bound: list[BoundListener] | None = None,
+        self, config: BridgeConfig, tables: Mapping[str, Table], *, bound: list[BoundListener]
     ) -> None:
-        """Args:
-        config: the configuration.
-        tables: its opened tables.
-        bound: listeners a supervising process bound already (workers);
-          None = bind them here, then drop privileges.
-        """
         self.config = config
         self._bound = bound
         self.tables: Mapping[str, Table] = tables
@@ -138,19 +135,13 @@ class BridgeServer:
     async def serve(
         self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bind every listener, report the bound addresses, and serve.
+        """Accept on every listener, report their addresses, and serve.
 
         Args:
-          task_status: receives the list of bound addresses once every
-            listener is bound.
-
-        Raises:
-          OSError: a listener cannot be bound (nothing is served then).
+          task_status: receives the list of listening addresses once the
+            accept loops run.
         """
-        owns_sockets = self._bound is None
-        bound = bind_listeners(self.config) if self._bound is None else self._bound
-        if owns_sockets:
-            drop_privileges(self.config)
+        bound = self._bound
         async with trio.open_nursery() as background:
             self._background = background
             if self.config.metrics_endpoint is not None:
@@ -170,8 +161,6 @@ class BridgeServer:
                         task_status.started([item.address for item in bound])
                 for item in bound:
                     _close_listener(item.listener)
-                if owns_sockets:
-                    unlink_unix_sockets(bound)
                 # Connections finish the request in hand and return; the
                 # deadline only ends those stuck on a slow backend or client.
                 connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
@@ -562,12 +551,13 @@ def drop_privileges(config: BridgeConfig) -> None:
 async def serve_until_signalled(
     config: BridgeConfig,
     tables: Mapping[str, Table],
-    bound: list[BoundListener] | None = None,
+    bound: list[BoundListener],
 ) -> None:
     """Run the server; SIGHUP reloads, SIGTERM and SIGINT shut down cleanly.
 
     Args:
-      bound: listeners bound by a supervisor (workers); None = bind here.
+      bound: every listener, bound by the caller (the serve command or the
+        workers' supervisor).
     """
     server = BridgeServer(config, tables, bound=bound)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
