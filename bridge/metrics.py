@@ -28,6 +28,7 @@ Metric names (all prefixed ``postfix_bridge_``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,6 +37,9 @@ from bridge.outcome import ConfigFailure, Found, NotFound, Outcome, Retry
 #: Lookup latencies are mostly well under a millisecond; the upper buckets
 #: catch memcache timeouts and retry pauses (seconds).
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1, 2.5, 5, 10)
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
 
 def result_label(outcome: Outcome) -> str:
@@ -147,19 +151,17 @@ class Metrics:
         # Labelled children, resolved once per label set.
         self._children: dict[tuple[object, ...], object] = {}
 
-    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> object:
+    def _child(self, metric: _Metric, *labels: str) -> _Metric:
         key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
-        return child
+        return cast(_Metric, child)
 
     def request(self, table: str, protocol: str, outcome: Outcome, seconds: float) -> None:
         counter = self._child(self._requests, table, protocol, result_label(outcome))
-        assert isinstance(counter, Counter)
         counter.inc()
         histogram = self._child(self._latency, table, protocol)
-        assert isinstance(histogram, Histogram)
         histogram.observe(seconds)
 
     def memcache_attempt(self, server: str, failed: bool) -> None:
@@ -178,12 +180,10 @@ class Metrics:
 
     def connection_opened(self, listener: str) -> None:
         gauge = self._child(self._connections, listener)
-        assert isinstance(gauge, Gauge)
         gauge.inc()
 
     def connection_closed(self, listener: str) -> None:
         gauge = self._child(self._connections, listener)
-        assert isinstance(gauge, Gauge)
         gauge.dec()
 
     def reload(self, ok: bool) -> None:
@@ -192,7 +192,6 @@ class Metrics:
 
     def _inc(self, metric: Counter, label: str) -> None:
         counter = self._child(metric, label)
-        assert isinstance(counter, Counter)
         counter.inc()
 
     def exposition(self) -> bytes:
