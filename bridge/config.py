@@ -46,13 +46,18 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Literal, TypeVar
 
+from bridge.address_search import (
+    resolve_mapping,
+    validate_address_forms,
+    validate_extension_classes,
+    validate_mapping,
+)
 from bridge.endpoint import Endpoint, EndpointError, InetEndpoint, UnixEndpoint, parse_endpoint
 from bridge.keys import (
     DomainFilter,
     KeyConfigError,
     KeyTemplate,
     make_digest,
-    validate_address_forms,
 )
 from bridge.maps import validate_spec
 from bridge.maps.base import MapError
@@ -127,6 +132,8 @@ ParameterKind = Literal[
     "path",  # a file name, relative to the TOML file's directory
     "boolean",  # TOML true / false
     "forms",  # list of address-search forms
+    "address_mapping",  # auto | virtual | canonical | generic | none
+    "extension_classes",  # list of propagate_unmatched_extensions classes
     "delimiter",  # recipient delimiter character set
     "domains",  # list of domain names
     "seconds",  # non-negative number of seconds, 0 = no limit
@@ -279,7 +286,24 @@ PARAMETERS: tuple[Parameter, ...] = (
         "full",
         None,
         "forms",
-        "Address forms tried in order: full, nodelim, localpart, @domain, domain, localpart@.",
+        "Key forms tried in order: full, nodelim, localpart, @domain, domain, parent_domains, "
+        ".parent_domains, localpart@, networks.",
+    ),
+    Parameter(
+        "address_mapping",
+        "auto",
+        None,
+        "address_mapping",
+        "The Postfix address mapping the table serves (virtual, canonical, generic) or none; "
+        "auto = virtual when address_search lists localpart or @domain, else none.",
+    ),
+    Parameter(
+        "propagate_unmatched_extensions",
+        "canonical, virtual",
+        None,
+        "extension_classes",
+        "As Postfix's parameter: address mappings whose results get the extension a lookup "
+        "without it did not match.",
     ),
     Parameter(
         "recipient_delimiter",
@@ -566,6 +590,9 @@ class TableConfig:
     writable: bool
     smtputf8: bool
     address_search: tuple[str, ...]
+    #: virtual, canonical, generic or none ("auto" is resolved at load)
+    address_mapping: str
+    propagate_unmatched_extensions: tuple[str, ...]
     recipient_delimiter: str
     local_domains: tuple[str, ...]
     ketama_hash: str = "one_at_a_time"
@@ -898,6 +925,20 @@ def _forms(setting: _Setting) -> tuple[str, ...]:
         raise _Invalid(str(exc)) from None
 
 
+def _address_mapping(setting: _Setting) -> str:
+    try:
+        return validate_mapping(_text(setting.value).strip())
+    except KeyConfigError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _extension_classes(setting: _Setting) -> tuple[str, ...]:
+    try:
+        return validate_extension_classes(_string_list(setting.value))
+    except KeyConfigError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 def _delimiter(setting: _Setting) -> str:
     text = _text(setting.value)
     bad = [char for char in text if char == "@" or char.isspace() or not char.isprintable()]
@@ -921,6 +962,8 @@ _CONVERTERS: Mapping[str, Callable[[_Setting, Parameter], object]] = {
     "digest": lambda setting, param: _digest(setting),
     "boolean": lambda setting, param: _boolean(setting.value),
     "forms": lambda setting, param: _forms(setting),
+    "address_mapping": lambda setting, param: _address_mapping(setting),
+    "extension_classes": lambda setting, param: _extension_classes(setting),
     "delimiter": lambda setting, param: _delimiter(setting),
     "domains": lambda setting, param: _domains(setting),
     "seconds": lambda setting, param: _seconds(setting.value),
@@ -1103,6 +1146,10 @@ def _table_config(
         writable=_take(values, "writable", bool),
         smtputf8=_take(values, "smtputf8", bool),
         address_search=_take(values, "address_search", tuple),
+        address_mapping=resolve_mapping(
+            _take(values, "address_mapping", str), _take(values, "address_search", tuple)
+        ),
+        propagate_unmatched_extensions=_take(values, "propagate_unmatched_extensions", tuple),
         recipient_delimiter=_take(values, "recipient_delimiter", str),
         local_domains=_take(values, "local_domains", tuple),
         ketama_hash=_take(values, "ketama_hash", str),

@@ -25,11 +25,8 @@ here: :meth:`DomainFilter.check` calls back into a lookup function supplied
 by the caller, which owns the opened maps. That is the only reason it is
 ``async``.
 
-Finally, :func:`address_search_keys` restores what a socketmap/tcp table
-loses compared to a fixed table (G-3): Postfix asks fixed tables for partial
-forms of an address (``user@domain``, ``user``, ``@domain`` ...), but asks a
-pattern table only for the full key, so the bridge must generate the partial
-forms itself when it stands in for a fixed table.
+The partial keys Postfix asks a fixed table for (G-3) are generated in
+:mod:`bridge.address_search`, before this pipeline runs for each of them.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -46,27 +43,24 @@ from bridge.outcome import ConfigFailure, Found, Outcome, Retry
 from bridge.postfix_text import logical_lines
 
 __all__ = [
-    "ADDRESS_FORMS",
     "DomainFilter",
     "DomainItem",
     "DomainLiteral",
     "DomainTable",
     "KeyConfigError",
     "KeyTemplate",
-    "address_search_keys",
     "fold_key",
     "fold_table_key",
     "is_valid_memcache_key",
     "make_digest",
     "memcache_key",
-    "validate_address_forms",
 ]
 
 _log = logging.getLogger("bridge.keys")
 
 
 class KeyConfigError(ValueError):
-    """A key-related setting (key_format, key_digest, domain, address_search) is invalid.
+    """A key-related setting (key_format, key_digest, domain, address search) is invalid.
 
     The message names the setting, the offending text and what would be valid.
     """
@@ -619,130 +613,3 @@ class DomainFilter:
             if isinstance(outcome, (Retry, ConfigFailure)):
                 return outcome
         return False
-
-
-# ---------------------------------------------------------------------------
-# Address search (G-3): the partial keys Postfix asks a fixed table for
-
-#: The forms ``address_search`` may list, in Postfix's own search order.
-ADDRESS_FORMS = ("full", "nodelim", "localpart", "@domain", "domain", "localpart@")
-
-# split_addr.c never splits these local parts, whatever the delimiter:
-# mail for them must reach the real mailbox. The double-bounce name is
-# Postfix's default double_bounce_sender.
-_UNSPLITTABLE_LOCALPARTS = frozenset({b"postmaster", b"mailer-daemon", b"double-bounce"})
-
-
-def validate_address_forms(forms: Sequence[str]) -> tuple[str, ...]:
-    """Check an ``address_search`` setting.
-
-    Args:
-      forms: form names, in the order the keys should be tried.
-
-    Returns:
-      The forms as a tuple, repeated names dropped, order kept.
-
-    Raises:
-      KeyConfigError: the list is empty or names an unknown form.
-    """
-    if not forms:
-        raise KeyConfigError(
-            f"invalid address_search: no forms given (choose from {', '.join(ADDRESS_FORMS)})"
-        )
-    for form in forms:
-        if form not in ADDRESS_FORMS:
-            raise KeyConfigError(
-                f"invalid address_search form {form!r} (choose from {', '.join(ADDRESS_FORMS)})"
-            )
-    return tuple(dict.fromkeys(forms))
-
-
-def _strip_extension(localpart: bytes, delimiters: bytes) -> bytes | None:
-    """Return the local part without its extension, or None if it has none.
-
-    Follows split_addr.c: the extension starts at the first byte that is in
-    the delimiter set; postmaster, mailer-daemon and double-bounce are never
-    split; with ``-`` among the delimiters, ``owner-*`` and ``*-request``
-    are not split either (owner_request_special = yes); and a split that
-    would leave an empty local part is not made.
-    """
-    lowered = localpart.lower()
-    if not delimiters or lowered in _UNSPLITTABLE_LOCALPARTS:
-        return None
-    if b"-" in delimiters and (
-        lowered.startswith(b"owner-") or (len(lowered) > 8 and lowered.endswith(b"-request"))
-    ):
-        return None
-    for index, byte in enumerate(localpart):
-        if byte in delimiters:
-            return localpart[:index] if index > 0 else None
-    return None
-
-
-def address_search_keys(
-    key: bytes,
-    forms: Sequence[str],
-    *,
-    delimiter: bytes = b"+",
-    local_domains: Collection[bytes] = (),
-) -> list[bytes]:
-    """List the keys a Postfix fixed-table search would try, in order (G-3).
-
-    For ``user+ext@example.com`` with delimiter ``+`` the forms give:
-    ``full`` -> ``user+ext@example.com``; ``nodelim`` -> ``user@example.com``;
-    ``localpart`` -> ``user+ext``, ``user`` (only for a local domain);
-    ``@domain`` -> ``@example.com``; ``domain`` -> ``example.com``;
-    ``localpart@`` -> ``user+ext@``, ``user@``.
-
-    The reading of mail_addr_find.c and strip_addr.c behind this: a key
-    without ``@`` is a bare local part and is its own full key; only
-    ``nodelim`` adds to it (``user+ext`` -> ``user``), because Postfix strips
-    extensions from bare local parts too. ``@domain`` uses the whole text
-    after the last ``@`` even when it is empty (Postfix asks for ``@``), and
-    ``localpart@`` of ``@example.com`` is ``@`` for the same reason; but
-    ``domain`` is skipped for an empty domain, as Postfix's domain loop
-    never runs then. Empty keys are never listed: no table can hold one
-    (MC-13 step 1). The ``localpart`` form always includes the stripped
-    local part; Postfix does so whenever its strategy also strips
-    extensions, as its usual search strategies do.
-
-    Args:
-      key: the already folded key.
-      forms: forms from :func:`validate_address_forms`, in search order.
-      delimiter: the recipient_delimiter set: any one of these bytes starts
-        an extension (Postfix 2.11+). Empty disables extension handling.
-      local_domains: folded domains for which the bare local part is
-        searched (Postfix: $myorigin, $mydestination, the interface
-        addresses).
-
-    Returns:
-      The keys, duplicates removed, first occurrence kept.
-    """
-    at = key.rfind(b"@")
-    localpart, domain = (key, b"") if at < 0 else (key[:at], key[at + 1 :])
-    stripped = _strip_extension(localpart, delimiter)
-    localparts = [localpart] if stripped is None else [localpart, stripped]
-
-    keys: list[bytes] = []
-    for form in forms:
-        if form == "full":
-            keys.append(key)
-        elif form == "nodelim":
-            if stripped is not None:
-                keys.append(stripped if at < 0 else stripped + b"@" + domain)
-        elif at < 0:
-            continue  # every other form needs an '@'
-        elif form == "localpart":
-            if domain in local_domains:
-                keys += localparts
-        elif form == "@domain":
-            keys.append(b"@" + domain)
-        elif form == "domain":
-            keys.append(domain)
-        elif form == "localpart@":
-            keys += [part + b"@" for part in localparts]
-        else:
-            raise KeyConfigError(
-                f"invalid address_search form {form!r} (choose from {', '.join(ADDRESS_FORMS)})"
-            )
-    return [candidate for candidate in dict.fromkeys(keys) if candidate]

@@ -8,7 +8,7 @@ MC-16, MC-21)::
 
     non-UTF-8 key (smtputf8)        -> NOTFOUND              (G-6)
     fold case (fold_case)                                    (CASE-2)
-    for each address-search form of the key (default: the key itself):
+    for each address-search form of the key (default: the key itself; AS-1..AS-4):
         empty key                   -> skip                  (MC-13.1)
         domain filter: no match     -> skip                  (DOM-1..6)
                        table error  -> that error, stop
@@ -18,6 +18,8 @@ MC-16, MC-21)::
         backup has it               -> refill memcache (best effort), answer it
         error (memcache without backup, or backup) -> answer the error, stop
     nothing found                   -> NOTFOUND
+    found through a form without the key's extension, in an address
+    mapping table               -> finish it as mail_addr_map.c would (AS-6)
 
 "skip" is Postfix's silent suppression: the key is not sent to memcache
 and the backup is not consulted (MC-14). With a backup, a memcache error
@@ -39,8 +41,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bridge import metrics
+from bridge.address_search import finish_mapped_result, search_keys
 from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
-from bridge.keys import address_search_keys, fold_key, make_digest, memcache_key
+from bridge.keys import fold_key, make_digest, memcache_key
 from bridge.maps import open_map
 from bridge.maps.base import LookupMap, MapError, SequenceMap, WritableMap
 from bridge.memcache.client import MemcacheSettings
@@ -120,6 +123,8 @@ class Table:
         self._local_domains = frozenset(d for d in folded_domains if d is not None)
         # The default address search is the key alone; skip the generator then.
         self._plain_search = config.address_search == ("full",)
+        self._maps_addresses = config.address_mapping != "none"
+        self._propagate = config.address_mapping in config.propagate_unmatched_extensions
         self._hot_cache = (
             HotCache(config.hot_cache_ttl, config.hot_cache_size)
             if config.hot_cache_ttl > 0
@@ -215,15 +220,25 @@ class Table:
             return NOT_FOUND
         if self._plain_search:
             return await self._lookup_form(normalized)
-        for candidate in address_search_keys(
+        for candidate in search_keys(
             normalized,
             self.config.address_search,
             delimiter=self._delimiter,
             local_domains=self._local_domains,
         ):
-            outcome = await self._lookup_form(candidate)
-            if not isinstance(outcome, NotFound):
-                return outcome
+            outcome = await self._lookup_form(candidate.key)
+            if isinstance(outcome, NotFound):
+                continue
+            if (
+                isinstance(outcome, Found)
+                and candidate.unmatched_extension
+                and self._maps_addresses
+            ):
+                finished = finish_mapped_result(
+                    outcome.value, key, delimiter=self._delimiter, propagate=self._propagate
+                )
+                return self._found(finished)
+            return outcome
         return NOT_FOUND
 
     async def _lookup_form(self, key: bytes) -> Outcome:

@@ -173,6 +173,22 @@ local_domains = ["example.com"]
 memcache = "{memcache}"
 key_format = "acc:%s"
 address_search = ["full", "nodelim", "domain", "localpart@"]
+
+[tables.access_parents]
+memcache = "{memcache}"
+key_format = "acc:%s"
+address_search = ["full", "nodelim", "domain", "parent_domains", "localpart@", "networks"]
+
+[tables.access_dot_parents]
+memcache = "{memcache}"
+key_format = "acc:%s"
+address_search = ["full", "nodelim", "domain", ".parent_domains", "localpart@", "networks"]
+
+[tables.virtual_no_propagation]
+memcache = "{memcache}"
+key_format = "virt:%s"
+address_search = ["full", "nodelim", "localpart", "@domain"]
+propagate_unmatched_extensions = []
 """
 
 
@@ -229,8 +245,9 @@ def test_key_with_space_is_skipped_without_a_digest(features: Features) -> None:
     ("key", "expected"),
     [
         ("user@example.com", "found:user-exact"),
-        ("user+ext@example.com", "found:user-exact"),  # nodelim
-        ("User+Ext@Example.COM", "found:user-exact"),  # folded first
+        # nodelim; the unmatched extension is propagated (AS-6)
+        ("user+ext@example.com", "found:user-exact+ext"),
+        ("User+Ext@Example.COM", "found:user-exact+Ext"),  # folded first
         ("nobody@example.com", "found:catchall"),  # @domain
         ("other@example.com", "found:local-other"),  # localpart, local domain
         ("other@elsewhere.net", "notfound"),  # localpart only for local domains
@@ -242,6 +259,56 @@ def test_address_search_virtual_order(features: Features, key: str, expected: st
     features.memcached.set(b"virt:user@example.com", b"user-exact")
     features.memcached.set(b"virt:other", b"local-other")
     assert postmap_query(key, features.table("virtual")).outcome == expected
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "expected"),
+    [
+        # Found through the full key: answered as stored; Postfix itself
+        # puts the local part in front of "@b.test".
+        ("virtual", "moved@example.com", "found:@b.test"),
+        ("virtual", "moved+tag@example.com", "found:moved+tag@b.test"),
+        ("virtual_no_propagation", "moved+tag@example.com", "found:moved@b.test"),
+        ("virtual", "list+x@example.com", "found:a+x@plain.test, b+x@plain.test"),
+        ("virtual_no_propagation", "list+x@example.com", "found:a@plain.test, b@plain.test"),
+        # a hit through the full key or @domain carries no unmatched extension
+        ("virtual", "exact+x@example.com", "found:exact@plain.test"),
+        ("virtual", "nobody+x@example.com", "found:catchall"),
+    ],
+)
+def test_address_mapping_finishes_hits_without_the_extension(
+    features: Features, table: str, key: str, expected: str
+) -> None:
+    # AS-6: what mail_addr_map.c makes of a hit for user@domain.
+    features.memcached.set(b"virt:moved@example.com", b"@b.test")
+    features.memcached.set(b"virt:list@example.com", b"a@plain.test, b@plain.test")
+    features.memcached.set(b"virt:exact+x@example.com", b"exact@plain.test")
+    features.memcached.set(b"virt:@example.com", b"catchall")
+    assert postmap_query(key, features.table(table)).outcome == expected
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "expected"),
+    [
+        ("access_parents", "user@mail.sub.example.com", "found:REJECT parent"),
+        ("access_parents", "mail.sub.example.com", "found:REJECT parent"),  # a host name
+        ("access_dot_parents", "user@mail.sub.example.com", "found:REJECT dot parent"),
+        ("access_dot_parents", "mail.sub.example.com", "found:REJECT dot parent"),
+        ("access_parents", "192.0.2.7", "found:REJECT network"),
+        ("access_parents", "2001:db8::7", "found:REJECT v6 network"),
+        ("access", "user@mail.sub.example.com", "notfound"),  # no parent forms listed
+        ("access", "192.0.2.7", "notfound"),
+    ],
+)
+def test_address_search_access_parents_and_networks(
+    features: Features, table: str, key: str, expected: str
+) -> None:
+    # AS-3, AS-4: smtpd_check.c's parent domains and parent networks.
+    features.memcached.set(b"acc:sub.example.com", b"REJECT parent")
+    features.memcached.set(b"acc:.sub.example.com", b"REJECT dot parent")
+    features.memcached.set(b"acc:192.0.2", b"REJECT network")
+    features.memcached.set(b"acc:2001:db8", b"REJECT v6 network")
+    assert postmap_query(key, features.table(table)).outcome == expected
 
 
 @pytest.mark.parametrize(

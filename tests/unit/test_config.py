@@ -468,6 +468,8 @@ def test_defaults(tmp_path: Path) -> None:
         writable=False,
         smtputf8=True,
         address_search=("full",),
+        address_mapping="none",
+        propagate_unmatched_extensions=("canonical", "virtual"),
         recipient_delimiter="+",
         local_domains=(),
     )

@@ -1,4 +1,4 @@
-"""Tests for bridge.keys: folding, key_format, key_digest, domain filter, address search.
+"""Tests for bridge.keys: folding, key_format, key_digest, domain filter.
 
 Every vector of spec sections 12.6, 12.7, 12.8 and 12.13 appears below as a
 parametrized case; each table cites the section it comes from.
@@ -17,18 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.keys import (
-    ADDRESS_FORMS,
     DomainFilter,
     DomainLiteral,
     DomainTable,
     KeyConfigError,
     KeyTemplate,
-    address_search_keys,
     fold_key,
     is_valid_memcache_key,
     make_digest,
     memcache_key,
-    validate_address_forms,
 )
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, Outcome, Retry
 
@@ -648,122 +645,6 @@ def test_domain_parse_and_check_raise_only_config_errors(text: str, key: bytes) 
 
     result = trio.run(domain_filter.check, key, found_everywhere)
     assert isinstance(result, bool)
-
-
-# ---------------------------------------------------------------------------
-# Address search (G-3)
-
-
-def test_address_search_all_forms_for_a_local_domain() -> None:
-    keys = address_search_keys(
-        b"user+ext@example.com", ADDRESS_FORMS, local_domains={b"example.com"}
-    )
-    assert keys == [
-        b"user+ext@example.com",
-        b"user@example.com",
-        b"user+ext",
-        b"user",
-        b"@example.com",
-        b"example.com",
-        b"user+ext@",
-        b"user@",
-    ]
-
-
-def test_address_search_localpart_needs_a_local_domain() -> None:
-    assert address_search_keys(b"user+ext@example.com", ["localpart"]) == []
-    assert address_search_keys(
-        b"user@example.com", ["localpart"], local_domains=[b"example.com"]
-    ) == [b"user"]
-
-
-@pytest.mark.parametrize(
-    ("key", "expected"),
-    [
-        # A bare local part is its own full key; only nodelim adds to it.
-        (b"user+ext", [b"user+ext", b"user"]),
-        (b"user", [b"user"]),
-    ],
-)
-def test_address_search_bare_localpart(key: bytes, expected: list[bytes]) -> None:
-    assert address_search_keys(key, ADDRESS_FORMS, local_domains={b""}) == expected
-
-
-def test_address_search_follows_the_given_order_and_removes_duplicates() -> None:
-    keys = address_search_keys(b"user@example.com", ["domain", "full", "nodelim", "@domain"])
-    assert keys == [b"example.com", b"user@example.com", b"@example.com"]
-    # Without an extension the stripped forms equal the full ones.
-    assert address_search_keys(b"user@x", ["full", "nodelim", "localpart@"]) == [
-        b"user@x",
-        b"user@",
-    ]
-
-
-@pytest.mark.parametrize(
-    ("key", "delimiter", "stripped"),
-    [
-        (b"user-ext@x", b"+-", b"user@x"),  # any byte of the set starts an extension
-        (b"user-a+b@x", b"+-", b"user@x"),  # the first delimiter byte wins
-        (b"user+a-b@x", b"-", b"user+a@x"),
-        (b"user+ext@x", b"", None),  # no delimiter: no extension
-        (b"+ext@x", b"+", None),  # the local part would become empty
-        (b"postmaster@x", b"t", None),  # never split (split_addr.c)
-        (b"postmaster+x@x", b"+", b"postmaster@x"),  # only the exact name is special
-        (b"mailer-daemon@x", b"-", None),
-        (b"double-bounce@x", b"-", None),
-        (b"owner-list@x", b"-", None),  # owner_request_special
-        (b"list-request@x", b"-", None),
-        (b"owner+x@x", b"+", b"owner@x"),  # only special with '-' in the set
-        (b"-request@x", b"-", None),  # too short to be "*-request"; splits to ""
-        # The local part ends at the last '@', and strip_addr.c keeps only
-        # the text from that '@' on after the stripped local part.
-        (b"a+b@c@d", b"+", b"a@d"),
-    ],
-)
-def test_address_search_extension_rules(
-    key: bytes, delimiter: bytes, stripped: bytes | None
-) -> None:
-    expected = [key] if stripped is None else [key, stripped]
-    assert address_search_keys(key, ["full", "nodelim"], delimiter=delimiter) == expected
-
-
-def test_address_search_empty_parts() -> None:
-    # "@domain" of "user@" is "@", as Postfix asks; "domain" of "user@" is skipped.
-    assert address_search_keys(b"user@", ["@domain", "domain"]) == [b"@"]
-    # An empty local part: no empty key, but "localpart@" is "@".
-    assert address_search_keys(
-        b"@example.com", ["localpart", "localpart@"], local_domains={b"example.com"}
-    ) == [b"@"]
-
-
-def test_address_search_unknown_form_is_refused() -> None:
-    with pytest.raises(KeyConfigError, match="'user'"):
-        address_search_keys(b"u@x", ["full", "user"])
-
-
-def test_validate_address_forms() -> None:
-    assert validate_address_forms(["domain", "full", "domain"]) == ("domain", "full")
-    assert validate_address_forms(list(ADDRESS_FORMS)) == ADDRESS_FORMS
-    with pytest.raises(KeyConfigError, match="'@domains'"):
-        validate_address_forms(["full", "@domains"])
-    with pytest.raises(KeyConfigError, match="no forms"):
-        validate_address_forms([])
-
-
-_ADDRESS = st.binary(max_size=30) | st.text(alphabet="u+-@.xé", max_size=12).map(str.encode)
-
-
-@given(
-    _ADDRESS,
-    st.lists(st.sampled_from(ADDRESS_FORMS), min_size=1),
-    st.sampled_from([b"", b"+", b"+-"]),
-)
-def test_address_search_properties(key: bytes, forms: list[str], delimiter: bytes) -> None:
-    keys = address_search_keys(key, forms, delimiter=delimiter, local_domains={b"x"})
-    assert len(keys) == len(set(keys))
-    assert all(keys)
-    if forms[0] == "full" and key:
-        assert keys[0] == key
 
 
 # ---------------------------------------------------------------------------
