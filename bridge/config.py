@@ -59,7 +59,7 @@ from bridge.keys import (
     KeyTemplate,
     make_digest,
 )
-from bridge.maps import validate_spec
+from bridge.maps import OpenOptions, validate_spec
 from bridge.maps.base import MapError
 from bridge.memcache.ring import PoolServer
 from bridge.postfix_text import WHITESPACE, logical_lines
@@ -870,7 +870,7 @@ def _table_spec(setting: _Setting, *, writable: bool = False) -> str | None:
     if not text:
         return None  # MC-3: "backup =" means no backup.
     try:
-        validate_spec(text, base_dir=setting.base_dir, writable=writable)
+        validate_spec(text, OpenOptions(setting.base_dir, writable=writable))
     except MapError as exc:
         raise _Invalid(str(exc)) from None
     return text
@@ -912,7 +912,7 @@ def _domain_filter(setting: _Setting, *, smtputf8: bool) -> DomainFilter | None:
     # reported with everything else instead of at first use.
     for spec in domain.table_specs:
         try:
-            validate_spec(spec, base_dir=setting.base_dir)
+            validate_spec(spec, OpenOptions(setting.base_dir))
         except MapError as exc:
             raise _Invalid(str(exc)) from None
     return domain

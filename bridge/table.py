@@ -44,8 +44,7 @@ from bridge import metrics
 from bridge.address_search import finish_mapped_result, search_keys
 from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
 from bridge.keys import fold_key, make_digest, memcache_key
-from bridge.maps import open_map
-from bridge.maps.base import LookupMap, MapError, SequenceMap, WritableMap
+from bridge.maps import LookupMap, MapError, OpenOptions, SequenceMap, WritableMap, open_map
 from bridge.memcache.client import MemcacheSettings
 from bridge.memcache.pool import MemcachePool
 from bridge.metrics import TableHealth
@@ -145,10 +144,9 @@ class Table:
             try:
                 backup = open_map(
                     config.backup,
-                    fold=True,
-                    smtputf8=config.smtputf8,
-                    base_dir=config.base_dir,
-                    writable=config.writable,
+                    OpenOptions(
+                        config.base_dir, smtputf8=config.smtputf8, writable=config.writable
+                    ),
                 )
             except MapError as exc:
                 problems.append(ConfigProblem(config.source, config.name, "backup", str(exc)))
@@ -157,7 +155,7 @@ class Table:
             try:
                 # DOM-6: domain tables are opened without case folding.
                 domain_maps[spec] = open_map(
-                    spec, fold=False, smtputf8=config.smtputf8, base_dir=config.base_dir
+                    spec, OpenOptions(config.base_dir, fold=False, smtputf8=config.smtputf8)
                 )
             except MapError as exc:
                 problems.append(ConfigProblem(config.source, config.name, "domain", str(exc)))

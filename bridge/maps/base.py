@@ -1,15 +1,20 @@
-"""The interface every backup or domain table implements.
+"""The interface every backup or domain table implements, and the record of a table type.
 
 A table is opened once from its Postfix ``type:name`` text when the
 configuration is loaded (so a bad table is a configuration error at start),
 and then looked up from the trio event loop. Lookups never raise for
 backend trouble: they return an :data:`~bridge.outcome.Outcome`, so a
 failure becomes ``Retry`` and can never be mistaken for "not found".
+
+Each table type describes itself with one :class:`TableType` record in
+its own module; :mod:`bridge.maps` maps type names to those records.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from bridge.outcome import Outcome, WriteOutcome
@@ -67,3 +72,67 @@ class WritableMap(SequenceMap, Protocol):
     async def delete(self, key: bytes) -> WriteOutcome:
         """Remove ``key``: ``WRITTEN``, ``NotWritten`` when absent, or Retry/ConfigFailure."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOptions:
+    """How a table is to be opened; the same record for every type.
+
+    Attributes:
+      base_dir: relative file and socket names resolve against it.
+      fold: fold stored keys like lookup keys (backup tables); False keeps
+        them as written (domain tables, DOM-6). Types whose keys are not
+        stored by the bridge (pattern tables, lmdb) ignore it.
+      smtputf8: full Unicode case folding and the G-6 UTF-8 value check
+        when true; ASCII folding and no value check when false.
+      writable: open for update and delete (a :class:`WritableMap`).
+    """
+
+    base_dir: str
+    fold: bool = True
+    smtputf8: bool = True
+    writable: bool = False
+
+
+def file_path(table_type: str, name: str, options: OpenOptions) -> str:
+    """Resolve a file-based table's name against ``options.base_dir``.
+
+    Raises:
+      MapError: the name is empty.
+    """
+    if not name:
+        raise MapError(f"missing file name after '{table_type}:'")
+    return name if os.path.isabs(name) else os.path.join(options.base_dir, name)
+
+
+def never_writable(name: str) -> bool:
+    """The ``writable`` rule of a read-only table type."""
+    return False
+
+
+def always_writable(name: str) -> bool:
+    """The ``writable`` rule of a table type that can always be written."""
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class TableType:
+    """Everything the registry knows about one table type.
+
+    Attributes:
+      name: the Postfix type name, as in ``name:...``.
+      check: checks what follows ``name:`` without any I/O, raising
+        :class:`MapError` with what is wrong; takes (name part, options).
+      open: opens the table; takes (whole spec, name part, options) and
+        raises :class:`MapError`. Called only after ``check`` passed and
+        only with ``options.writable`` when ``writable`` allows it.
+      writable: whether a table of this type with this name part can be
+        written (proxywrite-style types decide by the table they wrap).
+      summary: one line for the documentation and error messages.
+    """
+
+    name: str
+    check: Callable[[str, OpenOptions], None]
+    open: Callable[[str, str, OpenOptions], LookupMap]
+    writable: Callable[[str], bool] = never_writable
+    summary: str = ""

@@ -18,10 +18,11 @@ note).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Final
 
 from bridge.keys import fold_table_key
-from bridge.maps.base import MapError
+from bridge.maps.base import MapError, OpenOptions, TableType
 from bridge.maps.static import WHITESPACE_TEXT, strip_braces
 from bridge.outcome import NOT_FOUND, Outcome, found_value
 
@@ -153,5 +154,22 @@ class InlineMap:
         """Iterate over (key, value) in the order written, keys as stored."""
         return iter(list(self._entries.items()))
 
+    async def sequence(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Yield every entry in the order written (MC-20)."""
+        for entry in self.items():
+            yield entry
+
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+def _check(name: str, options: OpenOptions) -> None:
+    parse_inline(name)
+
+
+def _open(spec: str, name: str, options: OpenOptions) -> InlineMap:
+    return InlineMap(spec, name, fold=options.fold, smtputf8=options.smtputf8)
+
+
+#: ``inline:`` in the registry: stored keys folded when ``options.fold`` (IN-2).
+TABLE_TYPE: Final = TableType("inline", _check, _open, summary="{ key=value, ... }")

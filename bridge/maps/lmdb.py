@@ -63,7 +63,7 @@ from typing import Final, TypeVar
 import lmdb
 import trio
 
-from bridge.maps.base import MapError
+from bridge.maps.base import MapError, OpenOptions, TableType, always_writable, file_path
 from bridge.outcome import (
     NOT_FOUND,
     WRITTEN,
@@ -585,3 +585,23 @@ class LmdbMap:
         shared, self._shared = self._shared, None
         if shared is not None:
             await trio.to_thread.run_sync(_release, shared, limiter=shared.limiter)
+
+
+def _check(name: str, options: OpenOptions) -> None:
+    file_path("lmdb", name, options)
+
+
+def _open(spec: str, name: str, options: OpenOptions) -> LmdbMap:
+    path = file_path("lmdb", name, options)
+    return LmdbMap(spec, path, writable=options.writable, smtputf8=options.smtputf8)
+
+
+#: ``lmdb:`` in the registry: keys used as given (the caller folds, as
+#: postmap folds when it builds the file, LM-4); writable like Postfix's.
+TABLE_TYPE: Final = TableType(
+    "lmdb",
+    _check,
+    _open,
+    writable=always_writable,
+    summary="a Postfix .lmdb file (name without the suffix)",
+)

@@ -10,7 +10,9 @@ This module also holds :func:`strip_braces`, Postfix's ``{ ... }`` rule
 
 from __future__ import annotations
 
-from bridge.maps.base import MapError
+from typing import Final
+
+from bridge.maps.base import MapError, OpenOptions, TableType
 from bridge.outcome import Outcome, found_value
 
 #: Postfix's whitespace (ISSPACE); ``str.strip()`` without arguments would
@@ -101,3 +103,15 @@ class StaticMap:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+def _check(name: str, options: OpenOptions) -> None:
+    parse_static(name)
+
+
+def _open(spec: str, name: str, options: OpenOptions) -> StaticMap:
+    return StaticMap(spec, name, smtputf8=options.smtputf8)
+
+
+#: ``static:`` in the registry: every key gets the same value, so nothing folds.
+TABLE_TYPE: Final = TableType("static", _check, _open, summary="any text, or { text }")

@@ -10,14 +10,15 @@ dict_tcp.c, except for the retry schedule:
   outstanding;
 * a time limit on the connect and on each send or read wait (TCP-9),
   the ``timeout`` argument rather than Postfix's 100 s (see
-  :data:`bridge.maps.socketmap.DEFAULT_TIMEOUT`);
+  :data:`bridge.maps._lookup_server.DEFAULT_TIMEOUT`);
 * ``2xx`` is found, ``5xx`` not found, and the connection stays open;
   ``4xx``, any other status and a malformed reply are ``Retry`` and close
   the connection (TCP-6, TCP-11: never retried);
 * **deviation from TCP-10**: Postfix makes up to 10 attempts with a 1 s
   sleep between them, for any failed attempt (connect refused, reply cut
   short, reply too long). In a backup chain that is up to 10 s of stall
-  per lookup. This client makes at most :data:`bridge.maps.socketmap.MAX_ATTEMPTS` attempts, with
+  per lookup. This client makes at most
+  :attr:`~bridge.maps._lookup_server.LookupServerClient.max_attempts` attempts, with
   no sleep, and only when the server closed or reset the connection (the
   case a stale idle connection produces, and the one a reconnect fixes).
   A connect failure, a time limit or an overlong reply line answers
@@ -31,10 +32,11 @@ out of step and its next line would answer the wrong lookup.
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from bridge.endpoint import EndpointError, InetEndpoint, parse_host_port
-from bridge.maps.base import MapError
-from bridge.maps.socketmap import DEFAULT_TIMEOUT, LookupServerClient
+from bridge.maps._lookup_server import DEFAULT_TIMEOUT, LookupServerClient
+from bridge.maps.base import MapError, OpenOptions, TableType
 from bridge.outcome import Outcome, Retry
 from bridge.protocol.events import NEED_DATA
 from bridge.protocol.tcptable import (
@@ -141,3 +143,17 @@ class TcpMap(LookupServerClient):
 def _keeps_connection(line: bytes) -> bool:
     """TCP-6: after 4xx, an unknown status or a malformed reply, Postfix disconnects."""
     return parse_tcp_reply_line(line, check_utf8=False)[1]
+
+
+def _check(name: str, options: OpenOptions) -> None:
+    parse_tcp_target(name)
+
+
+def _open(spec: str, name: str, options: OpenOptions) -> TcpMap:
+    return TcpMap(spec, parse_tcp_target(name), smtputf8=options.smtputf8)
+
+
+#: ``tcp:`` in the registry: a pattern table, keys sent as given (CASE-3).
+TABLE_TYPE: Final = TableType(
+    "tcp", _check, _open, summary="HOST:PORT or [ADDR]:PORT, a tcp_table server"
+)

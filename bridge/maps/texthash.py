@@ -33,13 +33,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
 from bridge.keys import fold_table_key
-from bridge.maps.base import MapError
+from bridge.maps.base import MapError, OpenOptions, TableType, file_path
 from bridge.outcome import NOT_FOUND, Outcome, found_value
 from bridge.postfix_text import is_utf8, logical_lines, split_source_line
 
@@ -201,6 +202,12 @@ class TexthashMap:
         """
         return iter(list(self._entries.items()))
 
+    async def sequence(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Yield every entry in file order, re-reading a changed file first (MC-20)."""
+        await self._reload_if_changed()
+        for entry in self.items():
+            yield entry
+
     async def aclose(self) -> None:
         """Nothing to release: the file is closed right after each read."""
 
@@ -238,3 +245,19 @@ class TexthashMap:
 
     def _read_in_thread(self) -> _Snapshot:
         return _read_snapshot(self._path, fold=self._fold, smtputf8=self._smtputf8)
+
+
+def _check(name: str, options: OpenOptions) -> None:
+    file_path("texthash", name, options)
+
+
+def _open(spec: str, name: str, options: OpenOptions) -> TexthashMap:
+    path = file_path("texthash", name, options)
+    return TexthashMap(spec, path, fold=options.fold, smtputf8=options.smtputf8)
+
+
+#: ``texthash:`` in the registry: stored keys folded when ``options.fold``
+#: (TH-4); read-only by design (TH-1).
+TABLE_TYPE: Final = TableType(
+    "texthash", _check, _open, summary="a 'key value' text file, re-read when it changes"
+)

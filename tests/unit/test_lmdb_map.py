@@ -25,7 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.keys import fold_table_key
-from bridge.maps import SUPPORTED_TYPES, WRITABLE_TYPES, MapError, open_map, validate_spec
+from bridge.maps import (
+    SUPPORTED_TYPES,
+    WRITABLE_TYPES,
+    MapError,
+    OpenOptions,
+    open_map,
+    validate_spec,
+)
 from bridge.maps.base import WritableMap
 from bridge.maps.lmdb import DEFAULT_MAP_SIZE, LMDB_SUFFIX, SEQUENCE_BATCH, LmdbMap
 from bridge.outcome import (
@@ -689,34 +696,34 @@ def test_writable_needs_a_writable_type(spec: str) -> None:
         "writable = true needs a writable backup type (lmdb)"
     )
     with pytest.raises(MapError) as info:
-        validate_spec(spec, base_dir="/", writable=True)
+        validate_spec(spec, OpenOptions("/", writable=True))
     assert str(info.value) == message
     with pytest.raises(MapError) as info:
-        open_map(spec, fold=True, base_dir="/", writable=True)
+        open_map(spec, OpenOptions("/", writable=True))
     assert str(info.value) == message
 
 
 def test_validate_lmdb_spec_touches_no_file() -> None:
-    validate_spec("lmdb:/no/such/table", base_dir="/nonexistent")
-    validate_spec("lmdb:relative", base_dir="/nonexistent", writable=True)
+    validate_spec("lmdb:/no/such/table", OpenOptions("/nonexistent"))
+    validate_spec("lmdb:relative", OpenOptions("/nonexistent", writable=True))
     with pytest.raises(MapError, match="missing file name after 'lmdb:'"):
-        validate_spec("lmdb:", base_dir="/")
+        validate_spec("lmdb:", OpenOptions("/"))
 
 
 async def test_open_map_resolves_relative_names(tmp_path: Path) -> None:
-    table = open_map("lmdb:sub", fold=True, base_dir=str(tmp_path), writable=True)
+    table = open_map("lmdb:sub", OpenOptions(str(tmp_path), writable=True))
     assert isinstance(table, LmdbMap)
     assert table.file == str(tmp_path / "sub.lmdb")
     assert await table.update(b"k", b"v") == WRITTEN
     await table.aclose()
-    reader = open_map("lmdb:sub", fold=False, base_dir=str(tmp_path))
+    reader = open_map("lmdb:sub", OpenOptions(str(tmp_path), fold=False))
     assert await reader.lookup(b"k") == Found(b"v")
     await reader.aclose()
 
 
 def test_open_map_read_only_missing_file(tmp_path: Path) -> None:
     with pytest.raises(MapError, match=re.escape("sub.lmdb")):
-        open_map("lmdb:sub", fold=True, base_dir=str(tmp_path))
+        open_map("lmdb:sub", OpenOptions(str(tmp_path)))
 
 
 # ---------------------------------------------------------- properties

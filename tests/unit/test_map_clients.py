@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.endpoint import InetEndpoint
-from bridge.maps import open_map
+from bridge.maps import OpenOptions, open_map
 from bridge.maps.socketmap import (
     MAX_ATTEMPTS,
     MAX_QUERY_KEY,
@@ -251,7 +251,7 @@ async def test_socketmap_temp_and_timeout_reasons(nursery: trio.Nursery) -> None
 async def test_socketmap_non_utf8_value_allowed_without_smtputf8(nursery: trio.Nursery) -> None:
     server = socketmap_server([b"4:OK \xff,"])
     port = await start_tcp(nursery, server)
-    table = open_map(f"socketmap:inet:127.0.0.1:{port}:m", fold=True, smtputf8=False, base_dir="/")
+    table = open_map(f"socketmap:inet:127.0.0.1:{port}:m", OpenOptions("/", smtputf8=False))
     assert await table.lookup(b"k") == Found(b"\xff")
 
 
@@ -311,7 +311,7 @@ async def test_socketmap_idle_connection_closed_by_server(nursery: trio.Nursery)
 async def test_socketmap_connect_refused_is_retry() -> None:
     # SM-16: a connect failure is final, never retried.
     spec = f"socketmap:inet:127.0.0.1:{refused_port()}:users"
-    table = open_map(spec, fold=True, base_dir="/")
+    table = open_map(spec, OpenOptions("/"))
     outcome = await table.lookup(b"k")
     assert isinstance(outcome, Retry)
     assert not outcome.timeout
@@ -319,14 +319,14 @@ async def test_socketmap_connect_refused_is_retry() -> None:
 
 
 async def test_socketmap_missing_unix_socket_is_retry(tmp_path: Path) -> None:
-    table = open_map("socketmap:unix:none.sock:users", fold=True, base_dir=str(tmp_path))
+    table = open_map("socketmap:unix:none.sock:users", OpenOptions(str(tmp_path)))
     assert isinstance(await table.lookup(b"k"), Retry)
 
 
 async def test_socketmap_over_unix_socket(nursery: trio.Nursery, tmp_path: Path) -> None:
     server = socketmap_server([b"8:OK hello,"])
     await start_unix(nursery, server, tmp_path / "s")
-    table = open_map("socketmap:unix:s:users", fold=True, base_dir=str(tmp_path))
+    table = open_map("socketmap:unix:s:users", OpenOptions(str(tmp_path)))
     assert await table.lookup(b"k") == Found(b"hello")
     assert server.requests == [b"7:users k,"]
 
@@ -525,7 +525,7 @@ async def test_tcp_close_always_is_retry_after_max_attempts(nursery: trio.Nurser
 
 
 async def test_tcp_connect_refused_is_retry() -> None:
-    table = open_map(f"tcp:127.0.0.1:{refused_port()}", fold=True, base_dir="/")
+    table = open_map(f"tcp:127.0.0.1:{refused_port()}", OpenOptions("/"))
     outcome = await table.lookup(b"k")
     assert isinstance(outcome, Retry)
     assert "cannot connect" in outcome.reason

@@ -13,7 +13,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.keys import fold_table_key as fold_key
-from bridge.maps import SUPPORTED_TYPES, MapError, open_map, validate_spec
+from bridge.maps import (
+    SUPPORTED_TYPES,
+    TABLE_TYPES,
+    MapError,
+    OpenOptions,
+    SequenceMap,
+    open_map,
+    validate_spec,
+)
 from bridge.maps.inline import InlineMap, parse_inline
 from bridge.maps.socketmap import SocketmapMap
 from bridge.maps.static import StaticMap, parse_static, strip_braces
@@ -36,7 +44,7 @@ def write_table(directory: Path, text: bytes, name: str = "table") -> Path:
 
 
 def open_texthash(path: Path, *, fold: bool = True, smtputf8: bool = True) -> TexthashMap:
-    table = open_map(f"texthash:{path}", fold=fold, smtputf8=smtputf8, base_dir="/nonexistent")
+    table = open_map(f"texthash:{path}", OpenOptions("/nonexistent", fold=fold, smtputf8=smtputf8))
     assert isinstance(table, TexthashMap)
     return table
 
@@ -229,12 +237,12 @@ def test_texthash_items_in_file_order(tmp_path: Path) -> None:
 
 def test_texthash_missing_file_is_map_error(tmp_path: Path) -> None:
     with pytest.raises(MapError, match="cannot open"):
-        open_map(f"texthash:{tmp_path}/missing", fold=True, base_dir=str(tmp_path))
+        open_map(f"texthash:{tmp_path}/missing", OpenOptions(str(tmp_path)))
 
 
 async def test_texthash_relative_path_uses_base_dir(tmp_path: Path) -> None:
     write_table(tmp_path, b"k v\n", name="rel")
-    table = open_map("texthash:rel", fold=True, base_dir=str(tmp_path))
+    table = open_map("texthash:rel", OpenOptions(str(tmp_path)))
     assert isinstance(table, TexthashMap)
     assert table.path == os.path.join(str(tmp_path), "rel")
     assert await table.lookup(b"k") == Found(b"v")
@@ -347,7 +355,7 @@ def test_texthash_round_trip(pairs: list[tuple[bytes, bytes]]) -> None:
 
 
 def open_inline(spec: str, *, fold: bool = True) -> InlineMap:
-    table = open_map(spec, fold=fold, base_dir="/nonexistent")
+    table = open_map(spec, OpenOptions("/nonexistent", fold=fold))
     assert isinstance(table, InlineMap)
     return table
 
@@ -391,9 +399,9 @@ async def test_inline_vectors(spec: str, key: str, expected: Outcome) -> None:
 )
 def test_inline_syntax_errors(spec: str) -> None:
     with pytest.raises(MapError, match="inline"):
-        open_map(spec, fold=True, base_dir="/")
+        open_map(spec, OpenOptions("/"))
     with pytest.raises(MapError):
-        validate_spec(spec, base_dir="/")
+        validate_spec(spec, OpenOptions("/"))
 
 
 def test_inline_item_details() -> None:
@@ -468,7 +476,7 @@ def test_inline_round_trip(pairs: list[tuple[str, str]]) -> None:
 )
 @pytest.mark.parametrize("key", [b"", b"any", b"ANY key"])
 async def test_static_vectors(spec: str, value: bytes, key: bytes) -> None:
-    table = open_map(spec, fold=True, base_dir="/")
+    table = open_map(spec, OpenOptions("/"))
     assert isinstance(table, StaticMap)
     assert await table.lookup(key) == Found(value)
 
@@ -476,7 +484,7 @@ async def test_static_vectors(spec: str, value: bytes, key: bytes) -> None:
 @pytest.mark.parametrize("spec", ["static:{ a", "static:{a} b", "static:{a}}"])
 def test_static_brace_errors(spec: str) -> None:
     with pytest.raises(MapError):
-        open_map(spec, fold=True, base_dir="/")
+        open_map(spec, OpenOptions("/"))
 
 
 @given(st.text(max_size=40))
@@ -505,7 +513,7 @@ def test_supported_types() -> None:
 
 def test_unsupported_type_message() -> None:
     with pytest.raises(MapError) as info:
-        validate_spec("hash:/etc/x", base_dir="/")
+        validate_spec("hash:/etc/x", OpenOptions("/"))
     assert str(info.value) == (
         "unsupported table type 'hash' in 'hash:/etc/x': "
         "the bridge supports texthash, inline, static, socketmap, tcp, lmdb"
@@ -537,9 +545,9 @@ def test_unsupported_type_message() -> None:
 )
 def test_invalid_specs(spec: str) -> None:
     with pytest.raises(MapError):
-        validate_spec(spec, base_dir="/")
+        validate_spec(spec, OpenOptions("/"))
     with pytest.raises(MapError):
-        open_map(spec, fold=True, base_dir="/")
+        open_map(spec, OpenOptions("/"))
 
 
 @pytest.mark.parametrize(
@@ -557,19 +565,19 @@ def test_invalid_specs(spec: str) -> None:
     ],
 )
 def test_validate_spec_accepts_without_touching_files(spec: str) -> None:
-    validate_spec(spec, base_dir="/nonexistent")
+    validate_spec(spec, OpenOptions("/nonexistent"))
 
 
 def test_open_map_builds_clients_without_connecting(tmp_path: Path) -> None:
     # SM-1: split at the last colon; a relative socket resolves like a file.
-    table = open_map("socketmap:unix:sock:users", fold=True, base_dir=str(tmp_path))
+    table = open_map("socketmap:unix:sock:users", OpenOptions(str(tmp_path)))
     assert isinstance(table, SocketmapMap)
     assert str(table.target.endpoint) == f"unix:{tmp_path}/sock"
     assert table.target.name == "users"
-    inet = open_map("socketmap:inet:127.0.0.1:9999:users", fold=True, base_dir="/")
+    inet = open_map("socketmap:inet:127.0.0.1:9999:users", OpenOptions("/"))
     assert isinstance(inet, SocketmapMap)
     assert str(inet.target.endpoint) == "inet:127.0.0.1:9999"
-    tcp = open_map("tcp:[::1]:9998", fold=True, base_dir="/")
+    tcp = open_map("tcp:[::1]:9998", OpenOptions("/"))
     assert isinstance(tcp, TcpMap)
     assert str(tcp.endpoint) == "inet:[::1]:9998"
     assert tcp.spec == "tcp:[::1]:9998"
@@ -577,4 +585,31 @@ def test_open_map_builds_clients_without_connecting(tmp_path: Path) -> None:
 
 def test_errors_name_the_table() -> None:
     with pytest.raises(MapError, match=r"table socketmap:inet:h:1:: "):
-        validate_spec("socketmap:inet:h:1:", base_dir="/")
+        validate_spec("socketmap:inet:h:1:", OpenOptions("/"))
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_registry_records_are_named_by_their_key() -> None:
+    assert all(name == record.name for name, record in TABLE_TYPES.items())
+    assert tuple(TABLE_TYPES) == SUPPORTED_TYPES
+
+
+async def test_texthash_and_inline_list_their_entries_in_written_order(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text("b 2\nA 1\n")
+    texthash = open_map("texthash:t", OpenOptions(str(tmp_path)))
+    inline = open_map("inline:{b=2, A=1}", OpenOptions("/"))
+    for table in (texthash, inline):
+        assert isinstance(table, SequenceMap)
+        assert [entry async for entry in table.sequence()] == [(b"b", b"2"), (b"a", b"1")]
+
+
+async def test_texthash_sequence_sees_a_changed_file(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    path.write_text("a 1\n")
+    table = open_map("texthash:t", OpenOptions(str(tmp_path)))
+    assert isinstance(table, SequenceMap)
+    path.write_text("a 1\nb 2\n")
+    os.utime(path, (1, 1))  # a different mtime, whatever the clock's resolution
+    assert [entry async for entry in table.sequence()] == [(b"a", b"1"), (b"b", b"2")]
