@@ -37,14 +37,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import trio
 
 from bridge import metrics
 from bridge.address_search import finish_mapped_result, search_keys
 from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
 from bridge.keys import fold_key, make_digest, memcache_key
 from bridge.maps import LookupMap, MapError, OpenOptions, SequenceMap, WritableMap, open_map
+from bridge.memcache import MemcacheBackend
 from bridge.memcache.client import MemcacheSettings
 from bridge.memcache.pool import MemcachePool
 from bridge.metrics import TableHealth
@@ -105,7 +108,7 @@ class Table:
     def __init__(
         self,
         config: TableConfig,
-        memcache: MemcachePool,
+        memcache: MemcacheBackend,
         backup: LookupMap | None,
         domain_maps: Mapping[str, LookupMap],
     ) -> None:
@@ -125,7 +128,8 @@ class Table:
         self._maps_addresses = config.address_mapping != "none"
         self._propagate = config.address_mapping in config.propagate_unmatched_extensions
         self._hot_cache = (
-            HotCache(config.hot_cache_ttl, config.hot_cache_size)
+            # trio's clock: the daemon's time, and a test's virtual time.
+            HotCache(config.hot_cache_ttl, config.hot_cache_size, clock=trio.current_time)
             if config.hot_cache_ttl > 0
             else None
         )
@@ -247,10 +251,10 @@ class Table:
         if not isinstance(mc_key, bytes):
             return mc_key
         cached = await self._memcache.get(mc_key)
-        if isinstance(cached, bytes):
-            return self._found(cached)
+        if isinstance(cached, Found):
+            return self._found(cached.value)
         if self._backup is None:
-            return NOT_FOUND if cached is None else cached
+            return cached
         if isinstance(cached, Retry):
             _log.info("table %s: %s; answering from backup", self.name, cached.reason)
         metrics.current.backup_lookup(self.name)
@@ -285,13 +289,9 @@ class Table:
         stored = await self._memcache.set(
             prepared.memcache_key, value, flags=self.config.flags, ttl=self.config.ttl
         )
-        result: WriteOutcome
-        if stored is True:
-            result = WRITTEN
-        elif stored is False:
-            result = NotWritten(f"value exceeds data_size_limit {self.config.data_size_limit}")
-        else:
-            result = stored
+        result: WriteOutcome = stored
+        if isinstance(stored, NotWritten):
+            result = NotWritten(f"{stored.reason} {self.config.data_size_limit}")
         backup = self._writable_backup()
         if backup is not None:
             if isinstance(stored, Retry):
@@ -314,14 +314,7 @@ class Table:
             return NotWritten(prepared.reason)
         if not isinstance(prepared, PreparedKey):
             return prepared
-        deleted = await self._memcache.delete(prepared.memcache_key)
-        result: WriteOutcome
-        if deleted is True:
-            result = WRITTEN
-        elif deleted is False:
-            result = NotWritten("not found")
-        else:
-            result = deleted
+        result: WriteOutcome = await self._memcache.delete(prepared.memcache_key)
         backup = self._writable_backup()
         if backup is not None:
             result = await backup.delete(prepared.key)
@@ -380,7 +373,7 @@ class Table:
         stored = (
             await self._memcache.set_many(to_memcache, flags=self.config.flags, ttl=self.config.ttl)
             if to_memcache
-            else True
+            else WRITTEN
         )
         if isinstance(stored, Retry):
             report.temporary = True
@@ -485,7 +478,7 @@ class Table:
         )
         if isinstance(stored, Retry):
             _log.warning("table %s: refill failed: %s", self.name, stored.reason)
-        elif stored is True:
+        elif isinstance(stored, Written):
             metrics.current.backup_refill(self.name)
 
     def _found(self, value: bytes) -> Outcome:
@@ -505,9 +498,10 @@ class HotCache:
     Keys are the bytes as Postfix sent them, so no work is repeated.
     """
 
-    def __init__(self, ttl: float, size: int) -> None:
+    def __init__(self, ttl: float, size: int, *, clock: Callable[[], float] | None = None) -> None:
         self._ttl = ttl
         self._size = size
+        self._clock = clock or time.monotonic
         self._entries: OrderedDict[bytes, tuple[float, Found | NotFound]] = OrderedDict()
 
     def get(self, key: bytes) -> Found | NotFound | None:
@@ -515,14 +509,14 @@ class HotCache:
         if entry is None:
             return None
         expires, outcome = entry
-        if time.monotonic() >= expires:
+        if self._clock() >= expires:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
         return outcome
 
     def put(self, key: bytes, outcome: Found | NotFound) -> None:
-        self._entries[key] = (time.monotonic() + self._ttl, outcome)
+        self._entries[key] = (self._clock() + self._ttl, outcome)
         self._entries.move_to_end(key)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)

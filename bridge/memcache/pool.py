@@ -9,6 +9,11 @@ other clients of the same pool (pylibmc, PHP, libmemcached tools) agree
 on where each key lives. A single server is a pool of one and skips the
 ring.
 
+Every command answers in the project's outcome vocabulary
+(:mod:`bridge.outcome`), so the table above never sees the client's
+raw results: a get is Found, NOT_FOUND or Retry; a store or delete is
+WRITTEN, NotWritten (value too large, key absent) or Retry.
+
 Error handling
 --------------
 A server's failure only affects its own keys: they are answered TEMP (or
@@ -32,11 +37,16 @@ from bridge.memcache.ring import (
     EjectingRing,
     PoolServer,
 )
-from bridge.outcome import Retry
+from bridge.outcome import NOT_FOUND, WRITTEN, Found, NotFound, NotWritten, Retry, Written
+
+#: Why a value was not stored; the client has already logged the sizes.
+_TOO_LARGE = "value exceeds data_size_limit"
 
 
 class MemcachePool:
     """get / set / set_many / delete routed to the server that holds each key.
+
+    Implements :class:`bridge.memcache.MemcacheBackend`.
 
     Args:
       servers: the pool (one or more servers with weights).
@@ -51,9 +61,9 @@ class MemcachePool:
         servers: Sequence[PoolServer],
         settings: MemcacheSettings,
         *,
-        ketama_hash: str = "one_at_a_time",
-        eject_after: int = 0,
-        retry_after: float = 60.0,
+        ketama_hash: str,
+        eject_after: int,
+        retry_after: float,
     ) -> None:
         self._clients = {
             server.endpoint: MemcacheClient(server.endpoint, settings) for server in servers
@@ -82,33 +92,44 @@ class MemcachePool:
         else:
             self._ring.record_success(endpoint)
 
-    async def get(self, key: bytes) -> bytes | Retry | None:
+    async def get(self, key: bytes) -> Found | NotFound | Retry:
+        """The value stored under ``key`` (as stored: the caller checks it), or a miss."""
         client = self._client(key)
         if isinstance(client, Retry):
             return client
         result = await client.get(key)
         self._note(client.endpoint, result)
-        return result
+        if isinstance(result, Retry):
+            return result
+        return NOT_FOUND if result is None else Found(result)
 
-    async def set(self, key: bytes, value: bytes, *, flags: int, ttl: int) -> bool | Retry:
+    async def set(
+        self, key: bytes, value: bytes, *, flags: int, ttl: int
+    ) -> Written | NotWritten | Retry:
+        """Store ``value`` (MC-17); NotWritten when it exceeds data_size_limit."""
         client = self._client(key)
         if isinstance(client, Retry):
             return client
         result = await client.set(key, value, flags=flags, ttl=ttl)
         self._note(client.endpoint, result)
-        return result
+        if isinstance(result, Retry):
+            return result
+        return WRITTEN if result else NotWritten(_TOO_LARGE)
 
-    async def delete(self, key: bytes) -> bool | Retry:
+    async def delete(self, key: bytes) -> Written | NotWritten | Retry:
+        """Delete ``key``; NotWritten when it was not there."""
         client = self._client(key)
         if isinstance(client, Retry):
             return client
         result = await client.delete(key)
         self._note(client.endpoint, result)
-        return result
+        if isinstance(result, Retry):
+            return result
+        return WRITTEN if result else NotWritten("not found")
 
     async def set_many(
         self, items: Sequence[tuple[bytes, bytes]], *, flags: int, ttl: int
-    ) -> bool | Retry:
+    ) -> Written | Retry:
         """Bulk store, one pipelined exchange per server; the first failure is returned."""
         groups: dict[Endpoint, list[tuple[bytes, bytes]]] = {}
         for key, value in items:
@@ -116,11 +137,11 @@ class MemcachePool:
             if isinstance(client, Retry):
                 return client
             groups.setdefault(client.endpoint, []).append((key, value))
-        outcome: bool | Retry = True
+        outcome: Written | Retry = WRITTEN
         for endpoint, group in groups.items():
             result = await self._clients[endpoint].set_many(group, flags=flags, ttl=ttl)
             self._note(endpoint, result)
-            if isinstance(result, Retry) and outcome is True:
+            if isinstance(result, Retry) and outcome is WRITTEN:
                 outcome = result
         return outcome
 
