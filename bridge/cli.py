@@ -97,7 +97,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         bound = bind_listeners(config)
     except OSError as exc:
-        # Address in use, permission, bad socket-activation variables:
+        # Address in use (a unix path another process answers on
+        # included), permission, bad socket-activation variables:
         # nothing is served, and nothing was started.
         print(f"postfix-bridge: cannot listen: {exc}", file=sys.stderr)
         trio.run(close_tables, tables)

@@ -53,6 +53,10 @@ def _worker(config: BridgeConfig, bound: list[BoundListener]) -> int:
         signal.signal(signum, signal.SIG_DFL)
     # Only the main pid may notify (NotifyAccess=main); the supervisor does.
     os.environ.pop("NOTIFY_SOCKET", None)
+    # The unix socket files stay the supervisor's: a worker leaves through
+    # os._exit, never through the serve command's cleanup, and even if it
+    # called unlink_unix_sockets, SocketFile.remove skips another pid's file
+    # (a worker stopping must not unlink the path the others still serve).
     try:
         tables = open_tables(config)
         trio.run(serve_until_signalled, config, tables, bound)
@@ -120,7 +124,8 @@ def run_workers(config: BridgeConfig, count: int, bound: list[BoundListener]) ->
             if not stopping:
                 workers[_spawn(config, bound)] = time.monotonic()
     finally:
-        # The socket files are the caller's to remove, after this returns.
+        # The socket files are the caller's to remove, after this returns;
+        # this process bound them, so their SocketFile records say so.
         for item in bound:
             item.listener.close()
     return 0
