@@ -16,15 +16,13 @@ cases apart:
 from __future__ import annotations
 
 import argparse
-import logging
-import resource
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from bridge import __version__
+from bridge import __version__, daemon
 from bridge.config import BridgeConfig, ConfigError, TableConfig, load_config
 from bridge.endpoint import InetEndpoint
 from bridge.keys import DomainLiteral
@@ -36,19 +34,16 @@ from bridge.outcome import (
     Found,
     NotFound,
     NotWritten,
+    Outcome,
     Retry,
     WriteOutcome,
     Written,
 )
 from bridge.protocol import socketmap, tcptable
-from bridge.server import (
-    bind_listeners,
-    drop_privileges,
-    serve_until_signalled,
-    unlink_unix_sockets,
-)
+from bridge.protocol.events import NEED_DATA
+from bridge.protocol.netstring import NetstringDecoder, NetstringError
+from bridge.protocol.tcptable import TcpReplyDecoder
 from bridge.table import NoSequence, Table, close_tables, open_tables
-from bridge.workers import run_workers
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -93,26 +88,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     tables = _open(config)
     if tables is None:
         return EXIT_CONFIG
-    _raise_open_files_limit()
     try:
-        bound = bind_listeners(config)
+        return daemon.run(config, tables)
     except OSError as exc:
         # Address in use (a unix path another process answers on
         # included), permission, bad socket-activation variables:
         # nothing is served, and nothing was started.
         print(f"postfix-bridge: cannot listen: {exc}", file=sys.stderr)
-        trio.run(close_tables, tables)
         return EXIT_OSERR
-    try:
-        drop_privileges(config)
-        if config.workers > 1:
-            # Each worker opens its own tables after the fork.
-            trio.run(close_tables, tables)
-            return run_workers(config, config.workers, bound)
-        trio.run(serve_until_signalled, config, tables, bound)
-    finally:
-        unlink_unix_sockets(bound)
-    return EXIT_OK
 
 
 #: The local part of the key the health probe looks up: any answer but a
@@ -174,13 +157,46 @@ def _probe_listener(config: BridgeConfig) -> tuple[bool, str]:
         sock.settimeout(_HEALTH_TIMEOUT)
         sock.connect(address)
         sock.sendall(request)
-        reply = sock.recv(65536)
-    if listener.protocol == "socketmap":
-        healthy = reply.split(b":", 1)[-1].startswith((b"OK", b"NOTFOUND"))
+        outcome = _read_probe_reply(sock, listener.protocol)
+    healthy = isinstance(outcome, Found | NotFound)
+    return healthy, f"{endpoint} table {table}: {_describe(outcome)}"
+
+
+def _read_probe_reply(sock: socket.socket, protocol: str) -> Outcome | None:
+    """The daemon's answer, read with the same codecs a chained table uses; None if cut short.
+
+    Raises:
+      OSError: the daemon did not answer in time, or the connection broke.
+    """
+    decoder: NetstringDecoder | TcpReplyDecoder
+    if protocol == "socketmap":
+        decoder = NetstringDecoder(socketmap.MAX_REPLY_PAYLOAD)
     else:
-        healthy = reply[:1] in (b"2", b"5")
-    text = reply.decode("ascii", "replace").strip()
-    return healthy, f"{endpoint} table {table}: {text or 'no reply'}"
+        decoder = TcpReplyDecoder()
+    while True:
+        try:
+            if isinstance(decoder, NetstringDecoder):
+                payload = decoder.next_payload()
+                if payload is not NEED_DATA:
+                    return socketmap.parse_socketmap_reply(payload)
+            else:
+                line = decoder.next_line()
+                if line is not NEED_DATA:
+                    return tcptable.parse_tcp_reply_line(line)[0]
+        except (NetstringError, tcptable.TcpTableError):
+            return None
+        decoder.receive_data(sock.recv(65536))
+
+
+def _describe(outcome: Outcome | None) -> str:
+    if outcome is None:
+        return "no reply"
+    if isinstance(outcome, Found):
+        return "found"
+    if isinstance(outcome, NotFound):
+        return "not found"
+    kind = "PERM" if isinstance(outcome, ConfigFailure) else "TEMP"
+    return f"{kind} {outcome.reason}"
 
 
 def _health_probe_key(table: TableConfig) -> bytes:
@@ -200,20 +216,6 @@ def _health_probe_key(table: TableConfig) -> bytes:
         if listed:
             domain = listed[0]
     return _HEALTH_PROBE_USER + b"@" + domain
-
-
-def _raise_open_files_limit() -> None:
-    """Raise the soft open-files limit to the hard one.
-
-    Each connection is a file descriptor, and the usual soft limit (1024)
-    is below the default max_connections of a single listener.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            logging.getLogger("bridge").warning("cannot raise the open-files limit: %s", exc)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -26,17 +26,19 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from types import FrameType
 
 import trio
 
 from bridge import systemd
 from bridge.config import BridgeConfig
-from bridge.server import (
-    BoundListener,
-    serve_until_signalled,
-)
-from bridge.table import open_tables
+from bridge.listeners import BoundListener
+from bridge.table import Table, open_tables
+
+#: What a worker runs: :func:`bridge.daemon.serve_until_signalled`, passed
+#: in by the daemon (which starts the supervisor) rather than imported.
+ServeForever = Callable[[BridgeConfig, Mapping[str, Table], list[BoundListener]], Awaitable[None]]
 
 _log = logging.getLogger("bridge.workers")
 
@@ -47,7 +49,7 @@ _RESTART_PAUSE = 1.0
 _FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 
-def _worker(config: BridgeConfig, bound: list[BoundListener]) -> int:
+def _worker(config: BridgeConfig, bound: list[BoundListener], serve: ServeForever) -> int:
     """The body of one forked worker; returns its exit status."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_DFL)
@@ -59,30 +61,33 @@ def _worker(config: BridgeConfig, bound: list[BoundListener]) -> int:
     # (a worker stopping must not unlink the path the others still serve).
     try:
         tables = open_tables(config)
-        trio.run(serve_until_signalled, config, tables, bound)
+        trio.run(serve, config, tables, bound)
     except Exception:
         _log.exception("worker %d failed", os.getpid())
         return 1
     return 0
 
 
-def _spawn(config: BridgeConfig, bound: list[BoundListener]) -> int:
+def _spawn(config: BridgeConfig, bound: list[BoundListener], serve: ServeForever) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns here
         status = 1
         try:
-            status = _worker(config, bound)
+            status = _worker(config, bound, serve)
         finally:
             logging.shutdown()
             os._exit(status)
     return pid
 
 
-def run_workers(config: BridgeConfig, count: int, bound: list[BoundListener]) -> int:
+def run_workers(
+    config: BridgeConfig, count: int, bound: list[BoundListener], serve: ServeForever
+) -> int:
     """Supervise ``count`` worker processes until SIGTERM/SIGINT.
 
     Args:
       bound: every listener, bound (and privileges dropped) by the caller.
+      serve: what each worker runs with its own tables.
 
     Returns:
       0 after a clean stop, 1 if a worker could not be kept running.
@@ -107,7 +112,7 @@ def run_workers(config: BridgeConfig, count: int, bound: list[BoundListener]) ->
         signal.signal(signum, forward)
     try:
         for _ in range(count):
-            workers[_spawn(config, bound)] = time.monotonic()
+            workers[_spawn(config, bound, serve)] = time.monotonic()
         _log.info("supervising %d workers: %s", count, ", ".join(map(str, workers)))
         systemd.notify(systemd.ready_message(f"{count} workers"))
         while workers:
@@ -122,7 +127,7 @@ def run_workers(config: BridgeConfig, count: int, bound: list[BoundListener]) ->
             if time.monotonic() - started < _RESTART_PAUSE:
                 time.sleep(_RESTART_PAUSE)
             if not stopping:
-                workers[_spawn(config, bound)] = time.monotonic()
+                workers[_spawn(config, bound, serve)] = time.monotonic()
     finally:
         # The socket files are the caller's to remove, after this returns;
         # this process bound them, so their SocketFile records say so.

@@ -3,7 +3,7 @@
 Postfix sends one netstring per lookup, ``NAME SP KEY`` (SM-8), and reads
 one netstring back, ``STATUS SP TEXT`` (SM-9). The bridge is normally the
 server: :class:`SocketmapServerProtocol` turns received bytes into
-:class:`SocketmapRequest` events and :func:`encode_reply` turns the
+:class:`~bridge.protocol.events.LookupRequest` events and :func:`encode_reply` turns the
 lookup's :data:`~bridge.outcome.Outcome` into the reply bytes. For chaining
 to another socketmap server the bridge is a client: :func:`encode_request`
 and :func:`parse_socketmap_reply`, with a
@@ -11,8 +11,8 @@ and :func:`parse_socketmap_reply`, with a
 :data:`MAX_REPLY_PAYLOAD` in between.
 
 Nothing here raises on bytes from the peer. A request the server cannot
-use becomes a :class:`BadRequest` event, to be answered with
-``encode_reply(ConfigFailure(event.reason))``. If the framing itself is
+use becomes a :class:`~bridge.protocol.events.BadRequest` event, to be
+answered with :func:`encode_bad_request`. If the framing itself is
 broken the event is *fatal*: after answering, close the connection, since
 there is no way to find where the next request starts. A client that is
 sent garbage gets a ``Retry`` outcome (SM-9's "unknown" class).
@@ -24,11 +24,11 @@ space, even before an empty value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
 from bridge.postfix_text import is_utf8
+from bridge.protocol.events import BadRequest, LookupRequest
 from bridge.protocol.netstring import (
     NEED_DATA,
     ConnectionClosed,
@@ -44,9 +44,10 @@ __all__ = [
     "MAX_REQUEST_PAYLOAD",
     "BadRequest",
     "ConnectionClosed",
-    "SocketmapRequest",
+    "LookupRequest",
     "SocketmapServerProtocol",
     "clean_reason",
+    "encode_bad_request",
     "encode_reply",
     "encode_request",
     "parse_socketmap_reply",
@@ -72,32 +73,6 @@ _NOTFOUND: Final = b"NOTFOUND"
 _TEMP: Final = b"TEMP"
 _TIMEOUT: Final = b"TIMEOUT"
 _PERM: Final = b"PERM"
-
-
-@dataclass(frozen=True, slots=True)
-class SocketmapRequest:
-    """One lookup: ``key`` in the socketmap called ``name`` (SM-8).
-
-    The key is exactly as sent: no case folding, may be empty, may hold
-    spaces.
-    """
-
-    name: str
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BadRequest:
-    """A request the server cannot answer with a lookup.
-
-    Answer it with ``encode_reply(ConfigFailure(reason))``. When ``fatal``
-    is True the framing is broken: send that answer, then close the
-    connection. When False the netstring was fine but its payload is not
-    ``NAME SP KEY``, and the connection carries on.
-    """
-
-    reason: str
-    fatal: bool
 
 
 class SocketmapServerProtocol:
@@ -156,11 +131,11 @@ class SocketmapServerProtocol:
         if self._closed is None:
             self._decoder.receive_data(data)
 
-    def next_event(self) -> SocketmapRequest | BadRequest | ConnectionClosed | NeedData:
+    def next_event(self) -> LookupRequest | BadRequest | ConnectionClosed | NeedData:
         """Return the next thing that happened on the connection.
 
         Returns:
-          A :class:`SocketmapRequest`, a :class:`BadRequest`,
+          A :class:`LookupRequest`, a :class:`BadRequest`,
           :class:`ConnectionClosed` (and again on every later call), or
           :data:`NEED_DATA` when more bytes are needed.
         """
@@ -183,7 +158,7 @@ class SocketmapServerProtocol:
         return _parse_request(payload)
 
 
-def _parse_request(payload: bytes) -> SocketmapRequest | BadRequest:
+def _parse_request(payload: bytes) -> LookupRequest | BadRequest:
     """Split a request payload at its first space (SM-8 bridge note)."""
     name, space, key = payload.partition(b" ")
     if not space:
@@ -198,7 +173,7 @@ def _parse_request(payload: bytes) -> SocketmapRequest | BadRequest:
             f"socketmap map name {clean_reason(name)!r} is not ASCII",
             fatal=False,
         )
-    return SocketmapRequest(name.decode("ascii"), key)
+    return LookupRequest(name.decode("ascii"), key)
 
 
 def encode_request(name: str, key: bytes) -> bytes:
@@ -250,6 +225,11 @@ def encode_reply(outcome: Outcome) -> bytes:
         status = _TIMEOUT if outcome.timeout else _TEMP
         return encode_netstring(status + b" " + clean_reason(outcome.reason).encode("ascii"))
     return encode_netstring(_PERM + b" " + clean_reason(outcome.reason).encode("ascii"))
+
+
+def encode_bad_request(bad: BadRequest) -> bytes:
+    """The reply to a request the server will not look up: ``PERM reason`` (SM-9)."""
+    return encode_reply(ConfigFailure(bad.reason))
 
 
 def parse_socketmap_reply(payload: bytes, *, check_utf8: bool = True) -> Outcome:

@@ -3,8 +3,8 @@
 Postfix sends ``get SP QUOTED-KEY LF`` per lookup (TCP-1, TCP-2) and reads
 one line back, ``DDD SP QUOTED-TEXT LF`` (TCP-4 .. TCP-7). Quoting is
 ``%XX`` hex. The bridge is normally the server:
-:class:`TcpTableServerProtocol` turns received bytes into :class:`TcpGet`
-events and :func:`encode_reply` turns a lookup
+:class:`TcpTableServerProtocol` turns received bytes into
+:class:`~bridge.protocol.events.LookupRequest` events and :func:`encode_reply` turns a lookup
 :data:`~bridge.outcome.Outcome` into the reply line. For chaining to
 another tcp_table server the bridge is a client: :func:`encode_tcp_request`,
 :class:`TcpReplyDecoder` and :func:`parse_tcp_reply_line`.
@@ -21,7 +21,7 @@ Server side choices (Postfix defines no server, so these are ours):
   connection must then be closed: its end cannot be found without
   buffering it.
 
-These are :class:`TcpBadRequest` events; :func:`encode_bad_request`
+These are :class:`~bridge.protocol.events.BadRequest` events; :func:`encode_bad_request`
 produces the reply. Nothing here raises on bytes from the peer except the
 client-side :class:`TcpReplyDecoder`, whose errors are the "attempt
 failed" cases of TCP-10.
@@ -34,21 +34,26 @@ size. Requests are quoted exactly like Postfix does (TCP-2).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
 from bridge.postfix_text import is_utf8
-from bridge.protocol.events import NEED_DATA, ConnectionClosed, NeedData
+from bridge.protocol.events import (
+    NEED_DATA,
+    BadRequest,
+    ConnectionClosed,
+    LookupRequest,
+    NeedData,
+)
 from bridge.protocol.socketmap import clean_reason
 
 __all__ = [
     "MAX_REPLY_LINE",
     "MAX_REQUEST_LINE",
+    "BadRequest",
     "ConnectionClosed",
-    "TcpBadRequest",
-    "TcpGet",
+    "LookupRequest",
     "TcpReplyDecoder",
     "TcpTableError",
     "TcpTableServerProtocol",
@@ -89,28 +94,6 @@ class TcpTableError(Exception):
     """Bytes that break tcp_table's rules; the message says which."""
 
 
-@dataclass(frozen=True, slots=True)
-class TcpGet:
-    """A lookup request for ``key`` (already unquoted, exactly as Postfix had it)."""
-
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class TcpBadRequest:
-    """A request line the server will not look up; answer with :func:`encode_bad_request`.
-
-    ``temporary`` selects the reply code: ``400`` when the request might
-    have been a valid lookup (badly quoted key, overlong line), ``500``
-    when it is something we do not do. When ``fatal`` is True the line's
-    end was never found: answer, then close the connection.
-    """
-
-    reason: str
-    fatal: bool
-    temporary: bool
-
-
 class TcpTableServerProtocol:
     """The server side of one tcp_table connection.
 
@@ -121,7 +104,7 @@ class TcpTableServerProtocol:
 
     After the peer closes, every complete line still buffered comes out
     first, then :class:`ConnectionClosed`; an unterminated last line is
-    dropped (``mid_frame=True``). After a fatal :class:`TcpBadRequest`,
+    dropped (``mid_frame=True``). After a fatal :class:`BadRequest`,
     :meth:`next_event` returns :class:`ConnectionClosed` for good and later
     bytes are ignored.
     """
@@ -167,11 +150,11 @@ class TcpTableServerProtocol:
         if self._closed is None:
             self._buffer += data
 
-    def next_event(self) -> TcpGet | TcpBadRequest | ConnectionClosed | NeedData:
+    def next_event(self) -> LookupRequest | BadRequest | ConnectionClosed | NeedData:
         """Return the next thing that happened on the connection.
 
         Returns:
-          A :class:`TcpGet`, a :class:`TcpBadRequest`,
+          A :class:`LookupRequest`, a :class:`BadRequest`,
           :class:`ConnectionClosed` (and again on every later call), or
           :data:`NEED_DATA` when more bytes are needed.
         """
@@ -183,7 +166,7 @@ class TcpTableServerProtocol:
         if len(self._buffer) >= self._max_line:
             self._buffer.clear()
             self._closed = ConnectionClosed()
-            return TcpBadRequest(
+            return BadRequest(
                 f"request line longer than {self._max_line} bytes", fatal=True, temporary=True
             )
         if self._eof_received:
@@ -204,12 +187,12 @@ class TcpTableServerProtocol:
         return line
 
 
-def _parse_request_line(line: bytes) -> TcpGet | TcpBadRequest:
+def _parse_request_line(line: bytes) -> LookupRequest | BadRequest:
     if line.endswith(_CR):
         line = line[:-1]
     if not line.startswith(_GET):
         command = line.split(b" ", 1)[0]
-        return TcpBadRequest(
+        return BadRequest(
             f"unsupported request {clean_reason(command)!r}: only 'get' is served",
             fatal=False,
             temporary=False,
@@ -217,8 +200,8 @@ def _parse_request_line(line: bytes) -> TcpGet | TcpBadRequest:
     try:
         key = unquote(line[len(_GET) :])
     except TcpTableError as exc:
-        return TcpBadRequest(f"malformed key in get request: {exc}", fatal=False, temporary=True)
-    return TcpGet(key)
+        return BadRequest(f"malformed key in get request: {exc}", fatal=False, temporary=True)
+    return LookupRequest(None, key)
 
 
 def quote(data: bytes) -> bytes:
@@ -317,7 +300,7 @@ def encode_reply(outcome: Outcome) -> bytes:
     return _temporary_failure(outcome.reason)
 
 
-def encode_bad_request(bad: TcpBadRequest) -> bytes:
+def encode_bad_request(bad: BadRequest) -> bytes:
     """Build the reply line for a request the server will not look up.
 
     Args:

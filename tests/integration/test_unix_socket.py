@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.server import probe_unix_socket
+from bridge.listeners import probe_unix_socket
 from tests.faults.proxy import FaultProxy, Pass, Stall
 from tests.integration.harness import Memcached, postmap_query, run_bridge
 

@@ -49,7 +49,7 @@ from hypothesis.stateful import (
 )
 
 from bridge.outcome import ConfigFailure, Found, NotFound, Outcome, Retry
-from bridge.protocol.events import NEED_DATA, ConnectionClosed
+from bridge.protocol.events import NEED_DATA, BadRequest, ConnectionClosed, LookupRequest
 from bridge.protocol.netstring import (
     MAX_LENGTH_DIGITS,
     NetstringDecoder,
@@ -59,8 +59,6 @@ from bridge.protocol.netstring import (
 from bridge.protocol.socketmap import (
     MAX_REPLY_PAYLOAD,
     MAX_REQUEST_PAYLOAD,
-    BadRequest,
-    SocketmapRequest,
     SocketmapServerProtocol,
     encode_reply,
     encode_request,
@@ -69,8 +67,6 @@ from bridge.protocol.socketmap import (
 from bridge.protocol.tcptable import (
     MAX_REPLY_LINE,
     MAX_REQUEST_LINE,
-    TcpBadRequest,
-    TcpGet,
     TcpReplyDecoder,
     TcpTableError,
     TcpTableServerProtocol,
@@ -349,8 +345,8 @@ def reference_tcp_client(stream: bytes, *, eof: bool) -> list[Event]:
 
 def _socketmap_event(event: object) -> Event:
     """Reduce a server event to a tuple, refusing any undocumented type (invariant 3)."""
-    if type(event) is SocketmapRequest:
-        return ("request", event.name, event.key)
+    if type(event) is LookupRequest:
+        return ("request", event.table, event.key)
     if type(event) is BadRequest:
         return ("bad", event.fatal)
     if type(event) is ConnectionClosed:
@@ -359,9 +355,9 @@ def _socketmap_event(event: object) -> Event:
 
 
 def _tcp_event(event: object) -> Event:
-    if type(event) is TcpGet:
+    if type(event) is LookupRequest and event.table is None:
         return ("get", event.key)
-    if type(event) is TcpBadRequest:
+    if type(event) is BadRequest:
         return ("bad", event.fatal, event.temporary)
     if type(event) is ConnectionClosed:
         return ("closed", event.mid_frame)

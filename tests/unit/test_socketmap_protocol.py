@@ -21,7 +21,7 @@ from bridge.protocol.socketmap import (
     MAX_REQUEST_PAYLOAD,
     BadRequest,
     ConnectionClosed,
-    SocketmapRequest,
+    LookupRequest,
     SocketmapServerProtocol,
     clean_reason,
     encode_reply,
@@ -29,7 +29,7 @@ from bridge.protocol.socketmap import (
     parse_socketmap_reply,
 )
 
-ServerEvent = SocketmapRequest | BadRequest | ConnectionClosed
+ServerEvent = LookupRequest | BadRequest | ConnectionClosed
 
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -92,7 +92,7 @@ def test_request_vectors_encode(name: str, key: bytes, wire: bytes) -> None:
 
 @pytest.mark.parametrize(("name", "key", "wire"), REQUEST_VECTORS)
 def test_request_vectors_decode(name: str, key: bytes, wire: bytes) -> None:
-    assert serve(wire, b"") == [SocketmapRequest(name, key), ConnectionClosed()]
+    assert serve(wire, b"") == [LookupRequest(name, key), ConnectionClosed()]
 
 
 @pytest.mark.parametrize("name", ["", "my map", "caf\u00e9"])
@@ -247,13 +247,13 @@ PIPELINE = b"".join(
     ]
 )
 PIPELINE_EVENTS: list[ServerEvent] = [
-    SocketmapRequest("mymap", b"k"),
+    LookupRequest("mymap", b"k"),
     BadRequest("socketmap request 'nospace' has no space after the map name", fatal=False),
-    SocketmapRequest("users", b"a@b c"),
+    LookupRequest("users", b"a@b c"),
     BadRequest("socketmap request has an empty map name", fatal=False),
-    SocketmapRequest("mymap", b""),
+    LookupRequest("mymap", b""),
     BadRequest("socketmap map name 'caf??' is not ASCII", fatal=False),
-    SocketmapRequest("x", b"  lead"),
+    LookupRequest("x", b"  lead"),
     ConnectionClosed(mid_frame=False),
 ]
 
@@ -270,7 +270,7 @@ def test_pipeline_byte_by_byte() -> None:
 def test_requests_for_different_names_share_a_connection() -> None:
     # SM-2: one connection carries every map name.
     events = serve(encode_request("a", b"1") + encode_request("b", b"2"))
-    assert events == [SocketmapRequest("a", b"1"), SocketmapRequest("b", b"2")]
+    assert events == [LookupRequest("a", b"1"), LookupRequest("b", b"2")]
 
 
 @pytest.mark.parametrize(
@@ -281,7 +281,7 @@ def test_broken_framing_is_fatal(wire: bytes) -> None:
     server = SocketmapServerProtocol()
     server.receive_data(encode_request("m", b"before") + wire)
     events = drain(server)
-    assert events[0] == SocketmapRequest("m", b"before")
+    assert events[0] == LookupRequest("m", b"before")
     assert isinstance(events[1], BadRequest)
     assert events[1].fatal
     assert events[1].reason.startswith("malformed socketmap request")
@@ -311,7 +311,7 @@ def test_oversized_request_fails_before_its_payload() -> None:
 
 def test_largest_request_is_accepted() -> None:
     key = b"k" * (MAX_REQUEST_PAYLOAD - len(b"m "))
-    assert serve(encode_request("m", key)) == [SocketmapRequest("m", key)]
+    assert serve(encode_request("m", key)) == [LookupRequest("m", key)]
 
 
 def test_a_megabyte_of_digits_is_refused_fast() -> None:
@@ -343,7 +343,7 @@ def test_close_drops_a_partial_request(tail: bytes, mid_frame: bool) -> None:
     server.receive_data(encode_request("m", b"k") + tail)
     server.receive_data(b"")
     events = drain(server)
-    assert events == [SocketmapRequest("m", b"k"), ConnectionClosed(mid_frame=mid_frame)]
+    assert events == [LookupRequest("m", b"k"), ConnectionClosed(mid_frame=mid_frame)]
 
 
 def test_closed_stays_closed() -> None:
@@ -360,7 +360,7 @@ def test_waits_for_the_rest_of_a_request() -> None:
     server.receive_data(b"7:mymap")
     assert server.next_event() is NEED_DATA
     server.receive_data(b" k,")
-    assert server.next_event() == SocketmapRequest("mymap", b"k")
+    assert server.next_event() == LookupRequest("mymap", b"k")
     assert server.next_event() is NEED_DATA
 
 
@@ -378,7 +378,7 @@ def test_request_round_trip_in_any_chunks(
 ) -> None:
     wire = b"".join(encode_request(name, key) for name, key in requests)
     events = serve(*split_at(wire, cuts), b"")
-    assert events == [SocketmapRequest(name, key) for name, key in requests] + [ConnectionClosed()]
+    assert events == [LookupRequest(name, key) for name, key in requests] + [ConnectionClosed()]
 
 
 @given(

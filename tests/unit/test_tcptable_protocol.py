@@ -13,9 +13,9 @@ from bridge.protocol.events import NEED_DATA
 from bridge.protocol.tcptable import (
     MAX_REPLY_LINE,
     MAX_REQUEST_LINE,
+    BadRequest,
     ConnectionClosed,
-    TcpBadRequest,
-    TcpGet,
+    LookupRequest,
     TcpReplyDecoder,
     TcpTableError,
     TcpTableServerProtocol,
@@ -28,7 +28,7 @@ from bridge.protocol.tcptable import (
     unquote,
 )
 
-ServerEvent = TcpGet | TcpBadRequest | ConnectionClosed
+ServerEvent = LookupRequest | BadRequest | ConnectionClosed
 
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -93,7 +93,7 @@ def test_request_vectors_encode(key: bytes, line: bytes) -> None:
 
 @pytest.mark.parametrize(("key", "line"), REQUEST_VECTORS)
 def test_request_vectors_decode(key: bytes, line: bytes) -> None:
-    assert serve(line, b"") == [TcpGet(key), ConnectionClosed()]
+    assert serve(line, b"") == [LookupRequest(None, key), ConnectionClosed()]
 
 
 def test_unquote_accepts_either_hex_case() -> None:
@@ -333,18 +333,18 @@ def test_failures_always_fit_and_parse_as_retry(reason: str, timeout: bool) -> N
 
 PIPELINE = b"get a\nget Foo%20Bar\r\nput k v\nget 100%\n\nGET x\nget \nget caf%c3%a9\n"
 PIPELINE_EVENTS: list[ServerEvent] = [
-    TcpGet(b"a"),
-    TcpGet(b"Foo Bar"),
-    TcpBadRequest("unsupported request 'put': only 'get' is served", fatal=False, temporary=False),
-    TcpBadRequest(
+    LookupRequest(None, b"a"),
+    LookupRequest(None, b"Foo Bar"),
+    BadRequest("unsupported request 'put': only 'get' is served", fatal=False, temporary=False),
+    BadRequest(
         "malformed key in get request: '%' not followed by two hex digits at offset 3: '%'",
         fatal=False,
         temporary=True,
     ),
-    TcpBadRequest("unsupported request '': only 'get' is served", fatal=False, temporary=False),
-    TcpBadRequest("unsupported request 'GET': only 'get' is served", fatal=False, temporary=False),
-    TcpGet(b""),
-    TcpGet("caf\u00e9".encode()),
+    BadRequest("unsupported request '': only 'get' is served", fatal=False, temporary=False),
+    BadRequest("unsupported request 'GET': only 'get' is served", fatal=False, temporary=False),
+    LookupRequest(None, b""),
+    LookupRequest(None, "caf\u00e9".encode()),
     ConnectionClosed(),
 ]
 
@@ -362,33 +362,33 @@ def test_pipeline_byte_by_byte() -> None:
     ("bad", "line"),
     [
         (
-            TcpBadRequest("unsupported request 'put'", fatal=False, temporary=False),
+            BadRequest("unsupported request 'put'", fatal=False, temporary=False),
             b"500 unsupported request 'put'\n",
         ),
         (
-            TcpBadRequest("malformed key: 100%", fatal=False, temporary=True),
+            BadRequest("malformed key: 100%", fatal=False, temporary=True),
             b"400 malformed key: 100%25\n",
         ),
         (
-            TcpBadRequest("request line too long", fatal=True, temporary=True),
+            BadRequest("request line too long", fatal=True, temporary=True),
             b"400 request line too long\n",
         ),
     ],
 )
-def test_encode_bad_request(bad: TcpBadRequest, line: bytes) -> None:
+def test_encode_bad_request(bad: BadRequest, line: bytes) -> None:
     assert encode_bad_request(bad) == line
 
 
 def test_only_one_cr_is_tolerated() -> None:
-    assert serve(b"get a\r\r\n") == [TcpGet(b"a\r")]
+    assert serve(b"get a\r\r\n") == [LookupRequest(None, b"a\r")]
 
 
 def test_line_at_the_limit_is_read_and_one_more_byte_is_fatal() -> None:
     limit = 16
-    assert serve(b"get " + b"x" * 11 + b"\n", max_line=limit) == [TcpGet(b"x" * 11)]
+    assert serve(b"get " + b"x" * 11 + b"\n", max_line=limit) == [LookupRequest(None, b"x" * 11)]
     events = serve(b"get " + b"x" * 12 + b"\nget y\n", max_line=limit)
     assert events == [
-        TcpBadRequest("request line longer than 16 bytes", fatal=True, temporary=True),
+        BadRequest("request line longer than 16 bytes", fatal=True, temporary=True),
         ConnectionClosed(),
     ]
 
@@ -404,7 +404,7 @@ def test_a_megabyte_line_is_refused_with_a_bounded_buffer() -> None:
         event = server.next_event()
         if event is not NEED_DATA:
             break
-    assert isinstance(event, TcpBadRequest)
+    assert isinstance(event, BadRequest)
     assert event.fatal
     assert fed < MAX_REQUEST_LINE + len(chunk)
     assert server.buffered_byte_count == 0
@@ -419,7 +419,7 @@ def test_close_drops_an_unterminated_line(tail: bytes, mid_frame: bool) -> None:
     server = TcpTableServerProtocol()
     server.receive_data(b"get k\n" + tail)
     server.receive_data(b"")
-    assert drain(server) == [TcpGet(b"k"), ConnectionClosed(mid_frame=mid_frame)]
+    assert drain(server) == [LookupRequest(None, b"k"), ConnectionClosed(mid_frame=mid_frame)]
     assert server.next_event() == ConnectionClosed(mid_frame=mid_frame)
     with pytest.raises(RuntimeError):
         server.receive_data(b"get k\n")
@@ -430,7 +430,7 @@ def test_waits_for_the_end_of_the_line() -> None:
     server.receive_data(b"get Foo%2")
     assert server.next_event() is NEED_DATA
     server.receive_data(b"0Bar\n")
-    assert server.next_event() == TcpGet(b"Foo Bar")
+    assert server.next_event() == LookupRequest(None, b"Foo Bar")
     assert server.next_event() is NEED_DATA
 
 
@@ -441,7 +441,7 @@ def test_waits_for_the_end_of_the_line() -> None:
 def test_request_round_trip_in_any_chunks(keys: list[bytes], cuts: list[int]) -> None:
     wire = b"".join(encode_tcp_request(key) for key in keys)
     events = serve(*split_at(wire, cuts), b"")
-    assert events == [TcpGet(key) for key in keys] + [ConnectionClosed()]
+    assert events == [LookupRequest(None, key) for key in keys] + [ConnectionClosed()]
 
 
 @given(
@@ -463,7 +463,7 @@ def test_arbitrary_bytes_never_raise(data: bytes, cuts: list[int], eof: bool) ->
         events += drain(server)
         assert isinstance(events[-1], ConnectionClosed)
     for event in events:
-        if isinstance(event, TcpBadRequest):
+        if isinstance(event, BadRequest):
             reply = encode_bad_request(event)
             outcome, keep = parse_tcp_reply_line(reply[:-1])
             # 400 must read as a temporary failure, 500 as a refusal.

@@ -1,4 +1,4 @@
-"""bridge.server: unix socket probes and socket file ownership.
+"""bridge.listeners: unix socket probes and socket file ownership.
 
 Real AF_UNIX sockets in tmp_path: a live listener, a stale socket file (its
 socket closed, the file left behind), a socket of another type, a regular
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import load_config
-from bridge.server import (
+from bridge.listeners import (
     ListenerUnavailable,
     SocketFile,
     bind_listeners,
