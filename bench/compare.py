@@ -2,7 +2,7 @@
 
 Not a test: it measures and prints. Run from the repository root:
 
-    .venv/bin/python bench/compare.py [--keys 20000] [--rounds 5] [--clients 1,32]
+    .venv/bin/python -m bench.compare [--keys 20000] [--rounds 5] [--clients 1,32]
 
 Theory of operation
 -------------------
@@ -54,8 +54,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.harness import (
     MEMCACHED,

@@ -2,7 +2,7 @@
 
 Not a test: it measures and prints. Run from the repository root:
 
-    .venv/bin/python bench/load_bench.py [--entries 200000] [--runs 3]
+    .venv/bin/python -m bench.load_bench [--entries 200000] [--runs 3]
 
 It starts a private memcached on a free loopback port, writes a source
 file of N entries, and loads it with the real command line, with and
@@ -21,8 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.integration.harness import run_memcached
 

@@ -2,7 +2,7 @@
 
 Not a test: it measures and prints. Run from the repository root:
 
-    .venv/bin/python bench/loadgen.py [--connections 32] [--pipeline 8] [--seconds 10]
+    .venv/bin/python -m bench.loadgen [--connections 32] [--pipeline 8] [--seconds 10]
                                       [--idle 2000]
 
 Without ``--port`` it starts its own seeded memcached and bridge exactly as
@@ -57,8 +57,6 @@ from pathlib import Path
 from typing import Final
 
 import trio
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.compare import (
     DEFAULT_KEY_FORMAT,
