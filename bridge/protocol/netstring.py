@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+from bridge.protocol._receive import ReceiveBuffer
 from bridge.protocol.events import NEED_DATA, ConnectionClosed, NeedData
 
 __all__ = [
@@ -88,7 +89,7 @@ def encode_netstring(payload: bytes) -> bytes:
     return b"%d:%b," % (len(payload), payload)
 
 
-class NetstringDecoder:
+class NetstringDecoder(ReceiveBuffer):
     """Turn a byte stream into netstring payloads (SM-6).
 
     Feed bytes with :meth:`receive_data`, then call :meth:`next_payload`
@@ -110,12 +111,11 @@ class NetstringDecoder:
         """
         if max_length < 0:
             raise ValueError(f"max_length must not be negative, got {max_length}")
+        super().__init__()
         self._max_length = max_length
-        self._buffer = bytearray()
         # Payload length of the frame being read, once its ':' has been
         # seen; None while the length prefix is still being read.
         self._length: int | None = None
-        self._eof = False
         self._error: NetstringError | None = None
 
     @property
@@ -124,31 +124,12 @@ class NetstringDecoder:
         return self._max_length
 
     @property
-    def buffered_byte_count(self) -> int:
-        """How many received bytes are held, not yet returned as a payload."""
-        return len(self._buffer)
-
-    @property
     def in_frame(self) -> bool:
         """True when part of a netstring has arrived but not all of it."""
         return self._length is not None or bool(self._buffer)
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes read from the peer.
-
-        Args:
-          data: the bytes; ``b""`` means the peer closed its side (EOF).
-
-        Raises:
-          RuntimeError: if non-empty data follows EOF (a caller bug).
-        """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise RuntimeError("received data after EOF")
-        if self._error is None:
-            self._buffer += data
+    def _discarding(self) -> bool:
+        return self._error is not None
 
     def next_payload(self) -> bytes | NeedData:
         """Return the next complete payload, if there is one.

@@ -39,6 +39,7 @@ from urllib.parse import unquote_to_bytes
 
 from bridge.outcome import NOT_FOUND, ConfigFailure, Found, NotFound, Outcome, Retry
 from bridge.postfix_text import is_utf8
+from bridge.protocol._receive import ReceiveBuffer
 from bridge.protocol.events import (
     NEED_DATA,
     BadRequest,
@@ -94,7 +95,7 @@ class TcpTableError(Exception):
     """Bytes that break tcp_table's rules; the message says which."""
 
 
-class TcpTableServerProtocol:
+class TcpTableServerProtocol(ReceiveBuffer):
     """The server side of one tcp_table connection.
 
     Feed received bytes to :meth:`receive_data` and call :meth:`next_event`
@@ -115,40 +116,20 @@ class TcpTableServerProtocol:
         Args:
           max_line: the longest request line accepted, LF included.
         """
+        super().__init__()
         self._max_line = max_line
-        self._buffer = bytearray()
         # Bytes of the buffer already known to hold no LF, so bytes arriving
         # one at a time do not make us rescan the whole line each time.
         self._scanned = 0
-        self._eof_received = False
         self._closed: ConnectionClosed | None = None
-
-    @property
-    def buffered_byte_count(self) -> int:
-        """How many received bytes are held, not yet returned as a request."""
-        return len(self._buffer)
 
     @property
     def request_in_progress(self) -> bool:
         """Whether part of a request line has arrived."""
         return bool(self._buffer)
 
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes read from the client.
-
-        Args:
-          data: the bytes; ``b""`` means the client closed its side.
-
-        Raises:
-          RuntimeError: if non-empty data follows EOF (a caller bug).
-        """
-        if not data:
-            self._eof_received = True
-            return
-        if self._eof_received:
-            raise RuntimeError("received data after EOF")
-        if self._closed is None:
-            self._buffer += data
+    def _discarding(self) -> bool:
+        return self._closed is not None
 
     def next_event(self) -> LookupRequest | BadRequest | ConnectionClosed | NeedData:
         """Return the next thing that happened on the connection.
@@ -169,7 +150,7 @@ class TcpTableServerProtocol:
             return BadRequest(
                 f"request line longer than {self._max_line} bytes", fatal=True, temporary=True
             )
-        if self._eof_received:
+        if self._eof:
             self._closed = ConnectionClosed(mid_frame=bool(self._buffer))
             self._buffer.clear()
             return self._closed
@@ -363,7 +344,7 @@ def parse_tcp_reply_line(line: bytes, *, check_utf8: bool = True) -> tuple[Outco
     return Retry(f"tcp_table server sent an unknown status {clean_reason(line[:3])!r}"), False
 
 
-class TcpReplyDecoder:
+class TcpReplyDecoder(ReceiveBuffer):
     """Split a client connection's incoming bytes into reply lines (TCP-4).
 
     Feed bytes with :meth:`receive_data` and take lines with
@@ -374,31 +355,11 @@ class TcpReplyDecoder:
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._eof = False
+        super().__init__()
         self._error: TcpTableError | None = None
 
-    @property
-    def buffered_byte_count(self) -> int:
-        """How many received bytes are held, not yet returned as a line."""
-        return len(self._buffer)
-
-    def receive_data(self, data: bytes) -> None:
-        """Add bytes read from the server.
-
-        Args:
-          data: the bytes; ``b""`` means the server closed its side.
-
-        Raises:
-          RuntimeError: if non-empty data follows EOF (a caller bug).
-        """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise RuntimeError("received data after EOF")
-        if self._error is None:
-            self._buffer += data
+    def _discarding(self) -> bool:
+        return self._error is not None
 
     def next_line(self) -> bytes | NeedData:
         """Return the next reply line without its LF.
