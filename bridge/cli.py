@@ -55,10 +55,18 @@ EXIT_CONFIG = 78
 DEFAULT_CONFIG = "/etc/postfix-bridge/bridge.toml"
 
 
-def _setup_logging(args: argparse.Namespace, config: BridgeConfig | None, default: str) -> None:
-    level = args.log_level or (config.log_level if config is not None else default)
-    log_format = args.log_format or (config.log_format if config is not None else "text")
-    setup_logging(level, log_format=log_format)
+#: Table commands (query, update, ...) report problems only, as postmap
+#: does; --log-level asks for more. The daemon logs at the configured level.
+_COMMAND_LOG_LEVEL = "warning"
+
+
+def _setup_logging(
+    args: argparse.Namespace, config: BridgeConfig, *, level: str | None = None
+) -> None:
+    setup_logging(
+        args.log_level or level or config.log_level,
+        log_format=args.log_format or config.log_format,
+    )
 
 
 def _load(path: str) -> BridgeConfig | None:
@@ -84,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(args, config, "info")
+    _setup_logging(args, config)
     tables = _open(config)
     if tables is None:
         return EXIT_CONFIG
@@ -248,7 +256,7 @@ def _run_on_table(args: argparse.Namespace, command: TableCommand) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    _setup_logging(args, None, "warning")
+    _setup_logging(args, config, level=_COMMAND_LOG_LEVEL)
     if args.table not in config.tables:
         print(f"postfix-bridge: no table {args.table!r} in {config.path}", file=sys.stderr)
         return EXIT_CONFIG
@@ -393,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--log-level",
-            choices=["debug", "info", "warning", "error"],
+            choices=["debug", "info", "warning", "error", "critical"],
             help="override the configuration's log_level",
         )
         sub.add_argument(

@@ -43,7 +43,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(level: str, *, log_format: str = "text", stream: TextIO | None = None) -> None:
+def setup_logging(level: str, *, log_format: str, stream: TextIO | None = None) -> None:
     """Configure the root logger once, for the whole process.
 
     Args:

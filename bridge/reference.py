@@ -1,4 +1,4 @@
-"""The configuration reference, rendered from the parameter tables in bridge.config.
+"""The configuration reference, rendered from the parameter schema in bridge.config.
 
 README.md carries the rendered text between two marker lines; a test
 fails when the two drift apart. After changing a parameter, refresh it:
@@ -28,12 +28,29 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def default_cell(parameter: Parameter) -> str:
+    """What the reference says in a key's default column.
+
+    ``(required)`` only for a key that is required wherever it is
+    written; a default that depends on another key lists each case.
+    """
+    if parameter.required:
+        return "(required)"
+    if parameter.by is not None:
+        cases = [
+            f"required for {context}" if default is None else f"`{default}` for {context}"
+            for context, default in parameter.by.defaults
+        ]
+        return ", ".join(cases)
+    if parameter.default == "":
+        return "(empty)"
+    return f"`{parameter.default}`"
+
+
 def _table(parameters: Iterable[Parameter]) -> list[str]:
     lines = ["| key | default | minimum | meaning |", "|---|---|---|---|"]
     for parameter in parameters:
-        default = "(required)" if parameter.default is None else f"`{parameter.default}`"
-        if parameter.default == "":
-            default = "(empty)"
+        default = default_cell(parameter)
         minimum = "" if parameter.minimum is None else str(parameter.minimum)
         meaning = _cell(parameter.description)
         lines.append(f"| `{parameter.name}` | {_cell(default)} | {minimum} | {meaning} |")
@@ -77,7 +94,7 @@ def render_reference() -> str:
 #: docs/configuration.md: the whole page is generated.
 CONFIGURATION_PAGE_HEAD = """# Configuration reference
 
-Generated from the parameter tables in `bridge/config.py` by
+Generated from the parameter schema in `bridge/config/_schema.py` by
 `python -m bridge.reference --page docs/configuration.md`; a test fails when
 this page and the code disagree. The README explains each feature; this
 page lists every key with its default and minimum.

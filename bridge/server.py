@@ -20,9 +20,10 @@ Resource handling
 -----------------
 * Each listener has a connection cap; when it is reached the accept loop
   waits for a slot instead of accepting (the kernel backlog queues).
-* Every read waits at most ``idle_timeout`` (socketmap default 100 s,
-  tcp never: closing a tcp_table connection costs Postfix a 1 s sleep,
-  TCP-12); every write at most :data:`WRITE_TIMEOUT`.
+* Every read waits at most the listener's ``idle_timeout`` (its default
+  depends on the protocol: a tcp_table connection is never closed idle,
+  because closing it costs Postfix a 1 s sleep, TCP-12); every write at
+  most :data:`WRITE_TIMEOUT`.
 * Shutdown stops the accept loops, interrupts connections that are
   waiting for a request, lets every request already received be answered,
   and then closes the connections.
@@ -73,7 +74,8 @@ WRITE_TIMEOUT = 100.0
 
 #: How long shutdown waits for requests already received to be answered.
 #: A lookup is bounded by timeout * max_try + retry_pause * (max_try - 1)
-#: (5 s with the defaults), so this leaves room for slow backends.
+#: (a few seconds with the default table settings), so this leaves room
+#: for slow backends.
 SHUTDOWN_GRACE = 30.0
 
 #: How long replaced tables stay open after a reload, so that lookups

@@ -63,8 +63,8 @@ _log = logging.getLogger("bridge.memcache")
 #: consolidates connections); more would only hold server slots.
 DEFAULT_POOL_SIZE = 8
 
-#: Bytes asked of the socket per read: a whole default-limit value
-#: (10240 bytes) plus its header arrives in one or two reads.
+#: Bytes asked of the socket per read: a whole value of the default
+#: data_size_limit plus its header arrives in one or two reads.
 _RECEIVE_SIZE = 16384
 
 #: Turns a command into bytes on a given connection's protocol state.
@@ -73,13 +73,17 @@ _Encoder = Callable[[MemcacheClientProtocol], bytes]
 
 @dataclass(frozen=True, slots=True)
 class MemcacheSettings:
-    """The memcache_table(5) parameters that shape the wire exchange."""
+    """The memcache_table(5) parameters that shape the wire exchange.
 
-    timeout: int = 2
-    max_try: int = 2
-    retry_pause: int = 1
-    line_size_limit: int = 1024
-    data_size_limit: int = 10240
+    No defaults here: a table's values (bridge.config) are passed in, and
+    the parameter schema is the one place their defaults are written.
+    """
+
+    timeout: int
+    max_try: int
+    retry_pause: int
+    line_size_limit: int
+    data_size_limit: int
 
 
 class _Failure(Exception):

@@ -437,7 +437,8 @@ class EjectingRing:
       eject_after: consecutive failures that eject a server
         (``MEMCACHED_BEHAVIOR_SERVER_FAILURE_LIMIT``); None never ejects.
       retry_after: seconds an ejected server stays off the ring
-        (``MEMCACHED_BEHAVIOR_RETRY_TIMEOUT``).
+        (``MEMCACHED_BEHAVIOR_RETRY_TIMEOUT``); no default here, the
+        table's ``retry_after`` parameter (bridge.config) has it.
 
     Raises:
       ValueError: for a bad pool, ``eject_after`` below 1 or a negative
@@ -450,7 +451,7 @@ class EjectingRing:
         *,
         config: KetamaConfig = PYLIBMC_KETAMA,
         eject_after: int | None = None,
-        retry_after: float = 60.0,
+        retry_after: float,
     ) -> None:
         if eject_after is not None and eject_after < 1:
             raise ValueError("eject_after must be at least 1")

@@ -54,8 +54,6 @@ from bridge.protocol.events import NEED_DATA, NeedData
 
 __all__ = [
     "CONNECTION_CLOSED_AFTER_ERROR",
-    "DEFAULT_DATA_SIZE_LIMIT",
-    "DEFAULT_LINE_SIZE_LIMIT",
     "NEED_DATA",
     "CommandFailed",
     "DeleteNotFound",
@@ -70,10 +68,6 @@ __all__ = [
     "Version",
     "escape_for_log",
 ]
-
-# memcache_table(5) defaults for the parameters of the same names (MC-1).
-DEFAULT_LINE_SIZE_LIMIT: Final = 1024
-DEFAULT_DATA_SIZE_LIMIT: Final = 10240
 
 #: The reason given to commands queued behind a failure; their replies can
 #: no longer be told apart from the rest of the stream.
@@ -326,8 +320,8 @@ class MemcacheClientProtocol:
     def __init__(
         self,
         *,
-        line_size_limit: int = DEFAULT_LINE_SIZE_LIMIT,
-        data_size_limit: int = DEFAULT_DATA_SIZE_LIMIT,
+        line_size_limit: int,
+        data_size_limit: int,
     ) -> None:
         if line_size_limit < 1:
             raise ValueError(f"line_size_limit must be >= 1, not {line_size_limit}")

@@ -177,7 +177,7 @@ def test_garbage_lines_fail_every_reply_they_precede(line: bytes) -> None:
     # MC-8/MC-9: the client must reject the reply; a line read as a miss or
     # a value would make the proxy a liar instead of a broken server.
     for reply in (HIT, b"END\r\n"):
-        protocol = MemcacheClientProtocol()
+        protocol = MemcacheClientProtocol(line_size_limit=1024, data_size_limit=10240)
         protocol.send_get(b"k")
         protocol.receive_data(line + reply)
         assert isinstance(protocol.next_event(), CommandFailed), (line, reply)

@@ -8,16 +8,25 @@ client.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
 
+from bridge.config import PARAMETERS
 from bridge.endpoint import InetEndpoint
 from bridge.memcache.client import MemcacheClient, MemcacheSettings
 from bridge.outcome import Retry
 from tests.integration.harness import Memcached, closed_port
+
+
+def memcache_settings(**overrides: int) -> MemcacheSettings:
+    """memcache_table(5)'s defaults (from the parameter schema), with ``overrides``."""
+    names = {field.name for field in dataclasses.fields(MemcacheSettings)}
+    defaults = {p.name: int(p.default or 0) for p in PARAMETERS if p.name in names}
+    return MemcacheSettings(**(defaults | overrides))
 
 
 class ScriptedServer:
@@ -52,7 +61,7 @@ async def scripted(nursery: trio.Nursery) -> AsyncIterator[tuple[ScriptedServer,
 
 
 async def test_real_memcached_get_set_delete(memcached: Memcached) -> None:
-    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), MemcacheSettings())
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), memcache_settings())
     assert await client.get(b"k") is None
     assert await client.set(b"k", b"v\r\nEND\r\n", flags=5, ttl=60) is True
     assert await client.get(b"k") == b"v\r\nEND\r\n"
@@ -63,7 +72,7 @@ async def test_real_memcached_get_set_delete(memcached: Memcached) -> None:
 
 
 async def test_concurrent_distinct_keys_never_cross(memcached: Memcached) -> None:
-    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), MemcacheSettings())
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), memcache_settings())
     for i in range(50):
         memcached.set(b"key%d" % i, b"value%d" % i)
     results: dict[int, object] = {}
@@ -79,7 +88,7 @@ async def test_concurrent_distinct_keys_never_cross(memcached: Memcached) -> Non
 
 
 async def test_refused_connection_is_one_attempt_without_pause() -> None:
-    settings = MemcacheSettings(max_try=3, retry_pause=5)
+    settings = memcache_settings(max_try=3, retry_pause=5)
     client = MemcacheClient(InetEndpoint("127.0.0.1", closed_port()), settings)
     start = trio.current_time()
     result = await client.get(b"k")
@@ -93,7 +102,7 @@ async def test_bad_reply_is_retried_on_a_new_connection(
 ) -> None:
     server, port = scripted
     server.replies = [b"SERVER_ERROR x\r\n", b"VALUE a 0 3\r\nxyz\r\nEND\r\n"]
-    client = MemcacheClient(InetEndpoint("127.0.0.1", port), MemcacheSettings())
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), memcache_settings())
     assert await client.get(b"a") == b"xyz"
     assert server.connections == 2
     assert server.received == [b"get a\r\n", b"get a\r\n"]
@@ -105,7 +114,7 @@ async def test_persistently_bad_reply_gives_retry_after_max_try(
 ) -> None:
     server, port = scripted
     server.replies = [b"end\r\n"]
-    settings = MemcacheSettings(max_try=3, retry_pause=1)
+    settings = memcache_settings(max_try=3, retry_pause=1)
     client = MemcacheClient(InetEndpoint("127.0.0.1", port), settings)
     result = await client.get(b"a")
     assert isinstance(result, Retry)
@@ -117,7 +126,7 @@ async def test_stalled_server_times_out_within_bound(
 ) -> None:
     server, port = scripted
     server.replies = [None]
-    settings = MemcacheSettings(timeout=1, max_try=2, retry_pause=1)
+    settings = memcache_settings(timeout=1, max_try=2, retry_pause=1)
     client = MemcacheClient(InetEndpoint("127.0.0.1", port), settings)
     start = trio.current_time()
     result = await client.get(b"a")
@@ -128,7 +137,7 @@ async def test_stalled_server_times_out_within_bound(
 
 
 async def test_value_too_large_for_data_size_limit_is_not_stored(memcached: Memcached) -> None:
-    settings = MemcacheSettings(data_size_limit=5)
+    settings = memcache_settings(data_size_limit=5)
     client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), settings)
     assert await client.set(b"k", b"123456", flags=0, ttl=0) is False
     assert memcached.get(b"k") is None
@@ -141,7 +150,7 @@ async def test_cancelled_request_never_leaves_a_reply_for_the_next(
 ) -> None:
     server, port = scripted
     server.replies = [None, b"VALUE b 0 1\r\nB\r\nEND\r\n"]
-    client = MemcacheClient(InetEndpoint("127.0.0.1", port), MemcacheSettings(timeout=10))
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), memcache_settings(timeout=10))
     with trio.move_on_after(0.5):
         await client.get(b"a")
     # The half-done connection was discarded, so this reads its own reply.

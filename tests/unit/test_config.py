@@ -8,6 +8,7 @@ import os
 import string
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from hypothesis import given
@@ -71,6 +72,29 @@ def only_problem(tmp_path: Path, toml_text: str) -> ConfigProblem:
 
 def table_problem(tmp_path: Path, table_body: str, name: str = "t") -> ConfigProblem:
     return only_problem(tmp_path, f"{SOCKETMAP_LISTENER}\n[tables.{name}]\n{table_body}\n")
+
+
+def listener(
+    endpoint: InetEndpoint | UnixEndpoint,
+    protocol: Literal["socketmap", "tcp"],
+    table: str | None,
+    idle_timeout: float,
+    max_connections: int,
+) -> ListenerConfig:
+    """A listener with the documented defaults of the keys not given."""
+    return ListenerConfig(
+        endpoint,
+        protocol,
+        table,
+        idle_timeout,
+        max_connections,
+        request_timeout=10.0,
+        allow=(),
+        reuse_port=True,
+        mode=0o666,
+        owner=None,
+        group=None,
+    )
 
 
 def cf_table(tmp_path: Path, cf_text: bytes) -> TableConfig:
@@ -472,6 +496,11 @@ def test_defaults(tmp_path: Path) -> None:
         propagate_unmatched_extensions=("canonical", "virtual"),
         recipient_delimiter="+",
         local_domains=(),
+        ketama_hash="one_at_a_time",
+        eject_after=0,
+        retry_after=60.0,
+        hot_cache_ttl=0.0,
+        hot_cache_size=10000,
     )
 
 
@@ -523,11 +552,9 @@ def test_example_configuration(tmp_path: Path) -> None:
     assert config.path == toml_path
     assert config.log_level == "info"
     assert config.listeners == (
-        ListenerConfig(InetEndpoint("127.0.0.1", 10027), "socketmap", None, 100.0, 1000),
-        ListenerConfig(InetEndpoint("127.0.0.1", 10028), "tcp", "aliases", 0.0, 1000),
-        ListenerConfig(
-            UnixEndpoint(str(tmp_path / "run/bridge.sock")), "socketmap", None, 100, 1000
-        ),
+        listener(InetEndpoint("127.0.0.1", 10027), "socketmap", None, 100.0, 1000),
+        listener(InetEndpoint("127.0.0.1", 10028), "tcp", "aliases", 0.0, 1000),
+        listener(UnixEndpoint(str(tmp_path / "run/bridge.sock")), "socketmap", None, 100, 1000),
     )
     assert list(config.tables) == ["aliases", "verify"]
     aliases = config.tables["aliases"]
@@ -646,7 +673,7 @@ max_connections = "10"
 [tables.t]
 """,
     )
-    assert config.listeners == (ListenerConfig(InetEndpoint("::1", 10027), "tcp", "t", 2.5, 10),)
+    assert config.listeners == (listener(InetEndpoint("::1", 10027), "tcp", "t", 2.5, 10),)
 
 
 def test_results_are_immutable(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def test_json_format_is_one_object_per_line() -> None:
     try:
         logging.getLogger("bridge.test").warning("table %s: TEMP", "aliases")
     finally:
-        setup_logging("warning")
+        setup_logging("warning", log_format="text")
     [line] = stream.getvalue().splitlines()
     entry = json.loads(line)
     assert entry["level"] == "warning"

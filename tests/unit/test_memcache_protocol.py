@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.config import PARAMETERS
 from bridge.protocol.memcache import (
     CONNECTION_CLOSED_AFTER_ERROR,
     NEED_DATA,
@@ -41,6 +42,20 @@ class _Limits(TypedDict, total=False):
 
     line_size_limit: int
     data_size_limit: int
+
+
+#: memcache_table(5)'s defaults for the two limits, from the parameter schema.
+_DEFAULT_LIMITS = {
+    p.name: int(p.default or 0) for p in PARAMETERS if p.name in _Limits.__annotations__
+}
+
+
+def client_protocol(**limits: Unpack[_Limits]) -> MemcacheClientProtocol:
+    """A client protocol with the given limits, memcache_table(5)'s defaults for the others."""
+    return MemcacheClientProtocol(
+        line_size_limit=limits.get("line_size_limit", _DEFAULT_LIMITS["line_size_limit"]),
+        data_size_limit=limits.get("data_size_limit", _DEFAULT_LIMITS["data_size_limit"]),
+    )
 
 
 def drain(protocol: MemcacheClientProtocol) -> list[MemcacheEvent]:
@@ -84,7 +99,7 @@ def exchange(
     **limits: Unpack[_Limits],
 ) -> list[MemcacheEvent]:
     """One command on a fresh connection, the whole reply fed at once."""
-    protocol = MemcacheClientProtocol(**limits)
+    protocol = client_protocol(**limits)
     send(protocol, command)
     protocol.receive_data(reply)
     if eof:
@@ -127,7 +142,7 @@ COMMAND_VECTORS = [
 
 @pytest.mark.parametrize("vector", COMMAND_VECTORS, ids=lambda vector: vector.expected.decode())
 def test_command_bytes(vector: _CommandVector) -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     if vector.command == "get":
         wire = protocol.send_get(vector.key)
     elif vector.command == "set":
@@ -141,12 +156,12 @@ def test_command_bytes(vector: _CommandVector) -> None:
 def test_set_value_is_sent_verbatim_with_its_length() -> None:
     # The value is length-prefixed, so reply-like bytes inside it need no escaping.
     value = b"x\r\nEND\r\n\x00\xff"
-    wire = MemcacheClientProtocol().send_set(b"k", value, flags=1, ttl=0)
+    wire = client_protocol().send_set(b"k", value, flags=1, ttl=0)
     assert wire == b"set k 1 0 %d\r\n" % len(value) + value + b"\r\n"
 
 
 def test_set_refuses_non_integer_flags_and_ttl() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     with pytest.raises(TypeError):
         protocol.send_set(b"k", b"v", flags=1.5, ttl=0)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -171,7 +186,7 @@ BAD_KEYS = [
 @pytest.mark.parametrize("key", BAD_KEYS)
 @pytest.mark.parametrize("command", ["get", "set", "delete"])
 def test_malformed_key_is_refused(command: str, key: bytes) -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     with pytest.raises(ValueError, match="memcache key"):
         send(protocol, command, key)
     assert protocol.pending == 0
@@ -180,7 +195,7 @@ def test_malformed_key_is_refused(command: str, key: bytes) -> None:
 
 def test_high_bytes_are_allowed_in_keys() -> None:
     # Bytes >= 0x80 are neither whitespace nor control (spec conventions).
-    assert MemcacheClientProtocol().send_get(b"\xc3\xa9t\xc3\xa9") == b"get \xc3\xa9t\xc3\xa9\r\n"
+    assert client_protocol().send_get(b"\xc3\xa9t\xc3\xa9") == b"get \xc3\xa9t\xc3\xa9\r\n"
 
 
 @pytest.mark.parametrize(
@@ -189,7 +204,7 @@ def test_high_bytes_are_allowed_in_keys() -> None:
 def test_limits_below_one_are_refused(limits: _Limits) -> None:
     # MC-1: both limits are integers >= 1.
     with pytest.raises(ValueError, match="must be >= 1"):
-        MemcacheClientProtocol(**limits)
+        client_protocol(**limits)
 
 
 # ------------------------------------------------------- get replies (MC-8, MC-9)
@@ -297,10 +312,10 @@ def test_get_reply_vectors_fed_at_every_split_point(
 ) -> None:
     whole = exchange(reply, "get", **limits)
     for cut in range(1, len(reply)):
-        protocol = MemcacheClientProtocol(**limits)
+        protocol = client_protocol(**limits)
         protocol.send_get(b"a")
         assert feed_in_chunks(protocol, reply, [cut]) == whole, cut
-    protocol = MemcacheClientProtocol(**limits)
+    protocol = client_protocol(**limits)
     protocol.send_get(b"a")
     assert feed_in_chunks(protocol, reply, range(1, len(reply))) == whole
 
@@ -333,7 +348,7 @@ def test_huge_length_token_is_a_failure_not_a_crash(sign: bytes) -> None:
 
 def test_get_hit_waits_for_the_end_line() -> None:
     # The reusable flag depends on the END line, so no event before it.
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.receive_data(b"VALUE a 0 3\r\nxyz\r\n")
     assert protocol.next_event() is NEED_DATA
@@ -347,7 +362,7 @@ def test_get_hit_waits_for_the_end_line() -> None:
 
 def test_wrong_data_terminator_fails_without_waiting() -> None:
     # memcache_fread() gives up at the first wrong byte.
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.receive_data(b"VALUE a 0 3\r\nxyz\n")
     assert protocol.next_event() == CommandFailed("value not followed by CRLF")
@@ -374,7 +389,7 @@ def test_line_of_n_bytes_is_accepted_iff_n_plus_one_fits(
 
 def test_over_long_line_fails_before_its_end_arrives() -> None:
     # The parser must not buffer an unterminated line past line_size_limit.
-    protocol = MemcacheClientProtocol(line_size_limit=8)
+    protocol = client_protocol(line_size_limit=8)
     protocol.send_get(b"a")
     protocol.receive_data(b"X" * 7)
     assert protocol.next_event() is NEED_DATA
@@ -384,7 +399,7 @@ def test_over_long_line_fails_before_its_end_arrives() -> None:
 
 def test_cr_at_the_limit_waits_for_one_more_byte() -> None:
     # memcache_get() reads one byte past the bound when the bound falls inside CRLF.
-    protocol = MemcacheClientProtocol(line_size_limit=4)
+    protocol = client_protocol(line_size_limit=4)
     protocol.send_get(b"a")
     protocol.receive_data(b"END\r")
     assert protocol.next_event() is NEED_DATA
@@ -433,7 +448,7 @@ DELETE_VECTORS: list[tuple[bytes, MemcacheEvent]] = [
 def test_set_replies(reply: bytes, expected: MemcacheEvent) -> None:
     assert exchange(reply, "set") == [expected]
     for cut in range(1, len(reply)):
-        protocol = MemcacheClientProtocol()
+        protocol = client_protocol()
         protocol.send_set(b"a", b"v", flags=0, ttl=0)
         assert feed_in_chunks(protocol, reply, [cut]) == [expected]
 
@@ -442,7 +457,7 @@ def test_set_replies(reply: bytes, expected: MemcacheEvent) -> None:
 def test_delete_replies(reply: bytes, expected: MemcacheEvent) -> None:
     assert exchange(reply, "delete") == [expected]
     for cut in range(1, len(reply)):
-        protocol = MemcacheClientProtocol()
+        protocol = client_protocol()
         protocol.send_delete(b"a")
         assert feed_in_chunks(protocol, reply, [cut]) == [expected]
 
@@ -492,7 +507,7 @@ def test_eof_at_each_point_of_a_one_line_reply(
 
 def test_server_closes_without_reply() -> None:
     # 12.5: "server closes without reply" and "server never answers" (timeout = EOF).
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     assert protocol.next_event() is NEED_DATA
     protocol.receive_data(b"")
@@ -504,7 +519,7 @@ def test_server_closes_without_reply() -> None:
 
 
 def test_complete_replies_survive_a_later_eof() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.send_get(b"b")
     protocol.send_get(b"c")
@@ -519,7 +534,7 @@ def test_complete_replies_survive_a_later_eof() -> None:
 
 def test_bytearray_chunks_are_accepted() -> None:
     # trio's receive_some() may hand over a bytearray.
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.receive_data(bytearray(b"VALUE a 0 1\r\nx\r\n"))
     protocol.receive_data(bytearray(b"END\r\n"))
@@ -527,7 +542,7 @@ def test_bytearray_chunks_are_accepted() -> None:
 
 
 def test_data_after_eof_is_a_caller_error() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.receive_data(b"")
     protocol.receive_data(b"")  # a second EOF (timeout, then close) is harmless
@@ -536,7 +551,7 @@ def test_data_after_eof_is_a_caller_error() -> None:
 
 
 def test_idle_connection_closed_by_server_is_broken() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.receive_data(b"")
     assert protocol.broken
     assert protocol.next_event() is NEED_DATA
@@ -548,7 +563,7 @@ def test_idle_connection_closed_by_server_is_broken() -> None:
 
 
 def test_pipelined_commands_get_replies_in_order() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     wire = (
         protocol.send_get(b"a")
         + protocol.send_set(b"b", b"12", flags=0, ttl=60)
@@ -587,7 +602,7 @@ def test_pipelined_replies_at_every_split_point() -> None:
     reply = b"END\r\nSTORED\r\nVALUE x 0 2\r\nhi\r\nEND\r\nNOT_FOUND\r\n"
     expected = [GetMiss(), Stored(), GetHit(b"hi", True), DeleteNotFound()]
     for cut in range(len(reply) + 1):
-        protocol = MemcacheClientProtocol()
+        protocol = client_protocol()
         for command in ["get", "set", "get", "delete"]:
             send(protocol, command)
         assert feed_in_chunks(protocol, reply, [cut]) == expected, cut
@@ -595,7 +610,7 @@ def test_pipelined_replies_at_every_split_point() -> None:
 
 
 def test_failure_fails_every_command_behind_it() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     for command in ["get", "set", "delete"]:
         send(protocol, command)
     # The replies to set and delete are there, but cannot be trusted any more.
@@ -613,7 +628,7 @@ def test_failure_fails_every_command_behind_it() -> None:
 
 def test_unreusable_hit_fails_every_command_behind_it() -> None:
     # 12.5 "FOO" row: the value counts, the connection does not.
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.send_get(b"b")
     protocol.receive_data(b"VALUE a 0 3\r\nxyz\r\nFOO\r\nEND\r\n")
@@ -625,7 +640,7 @@ def test_unreusable_hit_fails_every_command_behind_it() -> None:
 
 
 def test_broken_connection_drops_further_data() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.send_get(b"b")
     protocol.receive_data(b"ERROR\r\n")
@@ -636,12 +651,12 @@ def test_broken_connection_drops_further_data() -> None:
 
 def test_server_error_then_fresh_connection_succeeds() -> None:
     # 12.5: SERVER_ERROR, then a new connection answers the same get.
-    first = MemcacheClientProtocol()
+    first = client_protocol()
     first.send_get(b"a")
     first.receive_data(b"SERVER_ERROR x\r\n")
     assert first.next_event() == CommandFailed("SERVER_ERROR x")
     assert first.broken
-    second = MemcacheClientProtocol()
+    second = client_protocol()
     second.send_get(b"a")
     second.receive_data(b"VALUE a 0 3\r\nxyz\r\nEND\r\n")
     assert second.next_event() == GetHit(b"xyz", True)
@@ -649,7 +664,7 @@ def test_server_error_then_fresh_connection_succeeds() -> None:
 
 
 def test_unsolicited_data_breaks_the_connection() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.receive_data(b"END\r\n")
     assert protocol.broken
     assert protocol.next_event() is NEED_DATA
@@ -659,7 +674,7 @@ def test_unsolicited_data_breaks_the_connection() -> None:
 
 def test_bytes_left_after_the_last_reply_break_the_connection() -> None:
     # The reply itself is fine; what follows would be misread as the next reply.
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_get(b"a")
     protocol.receive_data(b"END\r\nEND\r\n")
     assert protocol.next_event() == GetMiss()
@@ -667,7 +682,7 @@ def test_bytes_left_after_the_last_reply_break_the_connection() -> None:
 
 
 def test_no_command_means_need_data() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     assert protocol.next_event() is NEED_DATA
     assert protocol.pending == 0
     assert not protocol.broken
@@ -805,9 +820,7 @@ def test_arbitrary_replies_only_produce_events(
     data_size_limit: int,
     data: st.DataObject,
 ) -> None:
-    protocol = MemcacheClientProtocol(
-        line_size_limit=line_size_limit, data_size_limit=data_size_limit
-    )
+    protocol = client_protocol(line_size_limit=line_size_limit, data_size_limit=data_size_limit)
     for command in commands:
         send(protocol, command)
     events = feed_in_chunks(protocol, reply, data.draw(_cut_points(reply)))
@@ -881,7 +894,7 @@ def _steps(draw: st.DrawFn) -> _Step:
 @settings(max_examples=300)
 @given(steps=st.lists(_steps(), min_size=1, max_size=6), data=st.data())
 def test_well_formed_conversation_round_trips(steps: list[_Step], data: st.DataObject) -> None:
-    protocol = MemcacheClientProtocol(line_size_limit=64, data_size_limit=1000)
+    protocol = client_protocol(line_size_limit=64, data_size_limit=1000)
     for step in steps:
         if step.command == "get":
             assert protocol.send_get(step.key) == b"get " + step.key + b"\r\n"
@@ -901,7 +914,7 @@ def test_well_formed_conversation_round_trips(steps: list[_Step], data: st.DataO
 
 
 def test_noreply_sets_expect_no_reply_and_version_is_the_barrier() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     sent = protocol.send_set(b"a", b"1", flags=0, ttl=0, noreply=True)
     sent += protocol.send_set(b"b", b"22", flags=3, ttl=-1, noreply=True)
     assert sent == b"set a 0 0 1 noreply\r\n1\r\nset b 3 -1 2 noreply\r\n22\r\n"
@@ -914,7 +927,7 @@ def test_noreply_sets_expect_no_reply_and_version_is_the_barrier() -> None:
 
 
 def test_an_error_from_a_noreply_set_fails_the_barrier() -> None:
-    protocol = MemcacheClientProtocol()
+    protocol = client_protocol()
     protocol.send_set(b"a", b"1", flags=0, ttl=0, noreply=True)
     protocol.send_version()
     protocol.receive_data(b"SERVER_ERROR out of memory storing object\r\nVERSION 1.6\r\n")

@@ -336,7 +336,7 @@ def test_any_key_maps_to_a_pool_member(key: bytes, size: int) -> None:
 
 def test_without_eject_after_failures_never_eject() -> None:
     pool = _pool(3)
-    ring = EjectingRing(pool)
+    ring = EjectingRing(pool, retry_after=60.0)
     for _ in range(100):
         assert not ring.record_failure(pool[0], now=0.0)
     assert ring.ejected == {}
@@ -364,7 +364,7 @@ def test_consecutive_failures_eject_and_only_the_ejected_keys_move() -> None:
 
 def test_a_success_resets_the_failure_count() -> None:
     pool = _pool(2)
-    ring = EjectingRing(pool, eject_after=2)
+    ring = EjectingRing(pool, eject_after=2, retry_after=60.0)
     assert not ring.record_failure(pool[0], now=0.0)
     ring.record_success(pool[0])
     assert not ring.record_failure(pool[0], now=0.0)
@@ -412,7 +412,7 @@ def test_failures_of_an_ejected_server_do_not_extend_its_ejection() -> None:
 
 def test_manual_eject_and_restore_expired() -> None:
     pool = _pool(4)
-    ring = EjectingRing(pool)
+    ring = EjectingRing(pool, retry_after=60.0)
     ring.eject(pool[3], until=20.0)
     ring.eject(pool[1], until=10.0)
     keys = _keys(2000)
@@ -435,7 +435,7 @@ def test_when_every_server_is_ejected_there_is_no_server() -> None:
 
 def test_unknown_endpoints_and_bad_settings_are_rejected() -> None:
     pool = _pool(2)
-    ring = EjectingRing(pool, eject_after=1)
+    ring = EjectingRing(pool, eject_after=1, retry_after=60.0)
     stranger = UnixEndpoint("/nowhere")
     with pytest.raises(ValueError):
         ring.record_failure(stranger, now=0.0)
@@ -444,7 +444,7 @@ def test_unknown_endpoints_and_bad_settings_are_rejected() -> None:
     with pytest.raises(ValueError):
         ring.eject(stranger, until=1.0)
     with pytest.raises(ValueError):
-        EjectingRing(pool, eject_after=0)
+        EjectingRing(pool, eject_after=0, retry_after=60.0)
     with pytest.raises(ValueError):
         EjectingRing(pool, retry_after=-1.0)
 
