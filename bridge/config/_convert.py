@@ -391,8 +391,8 @@ def _mode(value: object) -> int:
     return int(spelled, 8)
 
 
-def _uid(value: object) -> int | None:
-    """A user name or uid; empty = none (keep the current one)."""
+def _account_id(value: object, lookup: Callable[[str], int], what: str) -> int | None:
+    """A name or a number; empty = none. ``lookup`` maps a name, raising KeyError."""
     spelled = text(value)
     if spelled == "":
         return None
@@ -400,23 +400,19 @@ def _uid(value: object) -> int | None:
     if spelled.isdigit():
         return int(spelled)
     try:
-        return pwd.getpwnam(spelled).pw_uid
+        return lookup(spelled)
     except KeyError:
-        raise Invalid(f"no such user {spelled!r}") from None
+        raise Invalid(f"no such {what} {spelled!r}") from None
+
+
+def _uid(value: object) -> int | None:
+    """A user name or uid; empty = none (keep the current one)."""
+    return _account_id(value, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _gid(value: object) -> int | None:
     """A group name or gid; empty = none (keep, or the user's primary group)."""
-    spelled = text(value)
-    if spelled == "":
-        return None
-    spelled = spelled.strip()
-    if spelled.isdigit():
-        return int(spelled)
-    try:
-        return grp.getgrnam(spelled).gr_gid
-    except KeyError:
-        raise Invalid(f"no such group {spelled!r}") from None
+    return _account_id(value, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
 #: How each kind of key is checked (see the module docstring for the two
