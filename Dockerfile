@@ -34,9 +34,11 @@ RUN groupadd --gid 10025 postfix-bridge \
 WORKDIR /usr/src/postfix-bridge
 
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only
-# when the dependency list changes, not on every source edit.
+# when the dependency list changes, not on every source edit. The image
+# carries the SQL drivers too (the pgsql and mysql extras), so pgsql: and
+# mysql: backups work without building another image.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['pgsql'] + x['mysql']))" > requirements.txt \
  && pip install --no-cache-dir -r requirements.txt
 
 # Then the project itself (runtime code only: .dockerignore admits nothing

@@ -9,6 +9,13 @@ cd "$ROOT"
 ensure_packages memcached:memcached postmap:postfix
 # postfix-lmdb ships no command of its own: check for its dictionary plugin.
 if ! postconf -m 2>/dev/null | grep -qx lmdb; then _apt_install postfix-lmdb; fi
+# Postfix's own SQL and cdb clients are the differential tests' reference;
+# the tests start their own PostgreSQL and MariaDB servers.
+for plugin in pgsql mysql sqlite cdb; do
+    if ! postconf -m 2>/dev/null | grep -qx "$plugin"; then _apt_install "postfix-$plugin"; fi
+done
+ensure_packages mariadbd:mariadb-server
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then _apt_install postgresql; fi
 # libmemcached computes the golden vectors of the ketama ring tests.
 if ! ldconfig -p | grep -q 'libmemcached\.so\.11'; then _apt_install libmemcached11; fi
 # The image test builds the Dockerfile with ../shared/container/build-image.sh
