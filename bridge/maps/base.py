@@ -75,6 +75,35 @@ class WritableMap(SequenceMap, Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class BackendHealth:
+    """One part of a backup table, as a health report sees it.
+
+    Attributes:
+      name: what it is, for people: ``host 127.0.0.1:5432``,
+        ``proxymap /var/spool/postfix/private/proxymap``, ``file /x.cdb``.
+      ok: whether lookups can use it now.
+      detail: why not, or what is known (``penalised for 42 s: ...``).
+    """
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@runtime_checkable
+class HealthReporting(Protocol):
+    """A table that can say how its backends are (``/healthz``, ``postfix-bridge health``)."""
+
+    async def health(self) -> list[BackendHealth]:
+        """Each backend of the table as of now.
+
+        May ask a backend once, bounded by the table's own time limit;
+        never raises for backend trouble (that is an ``ok=False`` entry).
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
 class OpenOptions:
     """How a table is to be opened; the same record for every type.
 
