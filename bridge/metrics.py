@@ -20,7 +20,11 @@ Metric names (all prefixed ``postfix_bridge_``):
   temp, timeout, perm) and ``request_seconds{table,protocol}``;
 * ``memcache_roundtrips_total{server}``, ``memcache_errors_total{server}``,
   ``memcache_connects_total{server}``;
-* ``backup_lookups_total{table}``, ``backup_refills_total{table}``;
+* ``backup_lookups_total{table}`` (queries sent to the backup),
+  ``backup_seconds{table}``, ``backup_errors_total{table}`` (TEMP or PERM
+  from the backup), ``backup_shared_total{table}`` (lookups answered by
+  another lookup's query of the same key: queries saved by single
+  flight), ``backup_refills_total{table}``;
 * ``open_connections{listener}``;
 * ``config_reloads_total{result}`` (ok, failed).
 """
@@ -32,6 +36,7 @@ from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from bridge.maps.base import BackendHealth
 from bridge.outcome import ConfigFailure, Found, NotFound, Outcome, Retry
 
 #: Lookup latencies are mostly well under a millisecond; the upper buckets
@@ -56,10 +61,11 @@ def result_label(outcome: Outcome) -> str:
 
 @dataclass
 class TableHealth:
-    """The last health probe of one table."""
+    """The last health probe of one table: its memcache servers and its backup's parts."""
 
     ok: bool
     detail: str
+    backup: tuple[BackendHealth, ...] = ()
 
 
 @dataclass
@@ -78,7 +84,14 @@ class HealthState:
             "status": "ok" if self.healthy else "unhealthy",
             "config_loaded": self.config_loaded,
             "tables": {
-                name: {"ok": table.ok, "detail": table.detail}
+                name: {
+                    "ok": table.ok,
+                    "detail": table.detail,
+                    "backup": [
+                        {"name": part.name, "ok": part.ok, "detail": part.detail}
+                        for part in table.backup
+                    ],
+                }
                 for name, table in sorted(self.tables.items())
             },
         }
@@ -130,6 +143,26 @@ class Metrics:
             ["table"],
             registry=self.registry,
         )
+        self._backup_latency = Histogram(
+            prefix + "backup_seconds",
+            "Time a backup table took to answer one query.",
+            ["table"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._backup_errors = Counter(
+            prefix + "backup_errors_total",
+            "Backup queries that failed (TEMP, TIMEOUT or PERM).",
+            ["table"],
+            registry=self.registry,
+        )
+        self._backup_shared = Counter(
+            prefix + "backup_shared_total",
+            "Lookups answered by a concurrent lookup's backup query of the same key "
+            "(queries saved).",
+            ["table"],
+            registry=self.registry,
+        )
         self._refills = Counter(
             prefix + "backup_refills_total",
             "Backup answers copied into memcache.",
@@ -172,8 +205,15 @@ class Metrics:
     def memcache_connect(self, server: str) -> None:
         self._inc(self._connects, server)
 
-    def backup_lookup(self, table: str) -> None:
+    def backup_query(self, table: str, outcome: Outcome, seconds: float) -> None:
         self._inc(self._backup_lookups, table)
+        histogram = self._child(self._backup_latency, table)
+        histogram.observe(seconds)
+        if isinstance(outcome, Retry | ConfigFailure):
+            self._inc(self._backup_errors, table)
+
+    def backup_shared(self, table: str) -> None:
+        self._inc(self._backup_shared, table)
 
     def backup_refill(self, table: str) -> None:
         self._inc(self._refills, table)
@@ -216,7 +256,10 @@ class _DisabledMetrics(Metrics):
     def memcache_connect(self, server: str) -> None:
         pass
 
-    def backup_lookup(self, table: str) -> None:
+    def backup_query(self, table: str, outcome: Outcome, seconds: float) -> None:
+        pass
+
+    def backup_shared(self, table: str) -> None:
         pass
 
     def backup_refill(self, table: str) -> None:

@@ -16,6 +16,8 @@ MC-16, MC-21)::
         memcache get                -> value: answer it
                                     -> miss or error: ask the backup (MC-16)
         backup has it               -> refill memcache (best effort), answer it
+                                       (one query and one refill for all
+                                       concurrent lookups of the key)
         error (memcache without backup, or backup) -> answer the error, stop
     nothing found                   -> NOTFOUND
     found through a form without the key's extension, in an address
@@ -46,7 +48,16 @@ from bridge import metrics
 from bridge.address_search import finish_mapped_result, search_keys
 from bridge.config import BridgeConfig, ConfigError, ConfigProblem, TableConfig
 from bridge.keys import fold_key, make_digest, memcache_key
-from bridge.maps import LookupMap, MapError, OpenOptions, SequenceMap, WritableMap, open_map
+from bridge.maps import (
+    BackendHealth,
+    HealthReporting,
+    LookupMap,
+    MapError,
+    OpenOptions,
+    SequenceMap,
+    WritableMap,
+    open_map,
+)
 from bridge.memcache import MemcacheBackend
 from bridge.memcache.client import MemcacheSettings
 from bridge.memcache.pool import MemcachePool
@@ -102,6 +113,14 @@ class BatchReport:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Flight:
+    """One backup query under way; ``outcome`` is set when it is answered."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: Outcome | None = None
+
+
 class Table:
     """A configured table with its memcache client, backup and domain tables."""
 
@@ -125,6 +144,8 @@ class Table:
         self._local_domains = frozenset(d for d in folded_domains if d is not None)
         # The default address search is the key alone; skip the generator then.
         self._plain_search = config.address_search == ("full",)
+        # Backup queries under way, by key (single flight, see _from_backup).
+        self._flights: dict[bytes, _Flight] = {}
         self._maps_addresses = config.address_mapping != "none"
         self._propagate = config.address_mapping in config.propagate_unmatched_extensions
         self._hot_cache = (
@@ -182,11 +203,21 @@ class Table:
         return cls(config, memcache, backup, domain_maps)
 
     async def probe(self) -> TableHealth:
-        """Whether every memcache server of the table answers within its timeout now."""
+        """Whether every memcache server answers within its timeout now, and the backup's parts.
+
+        A backup that can report its hosts, sockets or files
+        (:class:`~bridge.maps.base.HealthReporting`) is included; one
+        part down makes the table unhealthy, as memcache does.
+        """
         failures = await self._memcache.probe()
-        if failures:
-            return TableHealth(False, "; ".join(failure.reason for failure in failures))
-        return TableHealth(True, "memcache answered")
+        backup: tuple[BackendHealth, ...] = (
+            tuple(await self._backup.health()) if isinstance(self._backup, HealthReporting) else ()
+        )
+        problems = [failure.reason for failure in failures]
+        problems += [f"backup {part.name}: {part.detail}" for part in backup if not part.ok]
+        if problems:
+            return TableHealth(False, "; ".join(problems), backup)
+        return TableHealth(True, "memcache answered", backup)
 
     async def aclose(self) -> None:
         await self._memcache.aclose()
@@ -257,12 +288,42 @@ class Table:
             return cached
         if isinstance(cached, Retry):
             _log.info("table %s: %s; answering from backup", self.name, cached.reason)
-        metrics.current.backup_lookup(self.name)
-        backed = await self._backup.lookup(key)
-        if isinstance(backed, Found):
-            await self._refill(mc_key, backed.value)
-            return self._found(backed.value)
-        return backed
+        return await self._from_backup(self._backup, key, mc_key)
+
+    async def _from_backup(self, backup: LookupMap, key: bytes, mc_key: bytes) -> Outcome:
+        """Ask the backup for ``key`` and refill memcache, once for all concurrent askers.
+
+        Single flight: Postfix's processes each query the database for a
+        key that is missing from memcache; here, lookups of a key whose
+        backup query is already under way wait for that query's answer
+        (and its refill) instead of sending their own. The answer is the
+        same one they would have got a moment later.
+
+        Error handling: if the query in flight is cancelled (its client
+        went away, shutdown), a waiting lookup asks the backup itself.
+        """
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.outcome is not None:
+                metrics.current.backup_shared(self.name)
+                return flight.outcome
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            started = time.perf_counter()
+            backed = await backup.lookup(key)
+            metrics.current.backup_query(self.name, backed, time.perf_counter() - started)
+            if isinstance(backed, Found):
+                await self._refill(mc_key, backed.value)
+                backed = self._found(backed.value)
+            flight.outcome = backed
+            return backed
+        finally:
+            del self._flights[key]
+            flight.done.set()
 
     # ------------------------------------------------------------ writes
 

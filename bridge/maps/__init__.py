@@ -44,6 +44,8 @@ from typing import Final
 
 from bridge.maps import inline, lmdb, socketmap, static, tcp, texthash
 from bridge.maps.base import (
+    BackendHealth,
+    HealthReporting,
     LookupMap,
     MapError,
     OpenOptions,
@@ -57,6 +59,8 @@ __all__ = [
     "SUPPORTED_TYPES",
     "TABLE_TYPES",
     "WRITABLE_TYPES",
+    "BackendHealth",
+    "HealthReporting",
     "LookupMap",
     "MapError",
     "OpenOptions",

@@ -12,7 +12,7 @@ the hot cache's time-to-live.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from bridge.config import TableConfig, load_config
-from bridge.maps import LookupMap
+from bridge.maps import BackendHealth, LookupMap
 from bridge.outcome import (
     NOT_FOUND,
     WRITTEN,
@@ -346,3 +346,100 @@ async def test_read_only_table_refuses_writes(tmp_path: Path) -> None:
     table, memcache = make_table(tmp_path)
     assert isinstance(await table.update(b"k", b"v"), NotWritten)
     assert memcache.sets == []
+
+
+# ---------------------------------------------------------------- single flight
+
+
+@dataclass
+class GatedBackup(FakeBackup):
+    """A backup whose lookups wait until ``gate`` is set."""
+
+    gate: trio.Event = field(default_factory=trio.Event)
+
+    async def lookup(self, key: bytes) -> Outcome:
+        await self.gate.wait()
+        return await super().lookup(key)
+
+
+async def test_concurrent_misses_share_one_backup_query_and_one_refill(tmp_path: Path) -> None:
+    backup = GatedBackup({b"k": b"v", b"other": b"w"})
+    table, memcache = make_table(tmp_path, backup=backup)
+    answers: list[Outcome] = []
+
+    async def ask(key: bytes) -> None:
+        answers.append(await table.lookup(key))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(32):
+            nursery.start_soon(ask, b"k")
+        nursery.start_soon(ask, b"other")
+        await trio.testing.wait_all_tasks_blocked()
+        backup.gate.set()
+    assert answers.count(Found(b"v")) == 32 and Found(b"w") in answers
+    assert sorted(backup.lookups) == [b"k", b"other"]
+    assert sorted(memcache.sets) == [b"k", b"other"]
+
+
+async def test_a_shared_failure_is_every_waiters_answer(tmp_path: Path) -> None:
+    backup = GatedBackup(outcome=Retry("database down"))
+    backup.gate.set()
+    table, _ = make_table(tmp_path, backup=backup)
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(table.lookup, b"k")
+    assert await table.lookup(b"k") == Retry("database down")
+
+
+async def test_waiters_ask_themselves_when_the_query_in_flight_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    backup = GatedBackup({b"k": b"v"})
+    table, _ = make_table(tmp_path, backup=backup)
+    answers: list[Outcome] = []
+
+    async def ask() -> None:
+        answers.append(await table.lookup(b"k"))
+
+    leader = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_in, leader, table.lookup, b"k")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        leader.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        backup.gate.set()
+    assert answers == [Found(b"v")]
+    assert backup.lookups == [b"k"]  # the cancelled leader never reached the backup
+
+
+async def _run_in(
+    scope: trio.CancelScope, function: Callable[[bytes], Awaitable[Outcome]], key: bytes
+) -> None:
+    with scope:
+        await function(key)
+
+
+# ---------------------------------------------------------------- health
+
+
+@dataclass
+class ReportingBackup(FakeBackup):
+    parts: list[BackendHealth] = field(default_factory=list)
+
+    async def health(self) -> list[BackendHealth]:
+        return self.parts
+
+
+async def test_probe_reports_the_backups_parts(tmp_path: Path) -> None:
+    backup = ReportingBackup(
+        parts=[BackendHealth("host a", True, "up"), BackendHealth("host b", False, "refused")]
+    )
+    table, _ = make_table(tmp_path, backup=backup)
+    health = await table.probe()
+    assert not health.ok
+    assert "backup host b: refused" in health.detail
+    assert health.backup == tuple(backup.parts)
+    backup.parts = [BackendHealth("host a", True, "up")]
+    assert (await table.probe()).ok
