@@ -20,7 +20,8 @@ Process and connections
 Wire formats, sans-I/O (bytes in, events and bytes out)
   ``protocol.events``     the vocabulary every codec shares
   ``protocol.netstring``, ``protocol.socketmap``, ``protocol.tcptable``,
-  ``protocol.memcache``   one module per wire format, both ends
+  ``protocol.memcache``, ``protocol.proxymap``
+                          one module per wire format, both ends
 
 The lookup
   ``table``          one memcache_table(5) table: the lookup algorithm,
@@ -31,7 +32,8 @@ The lookup
   ``outcome``        the four outcomes of a lookup and of a write
   ``memcache``       the client, the ketama ring, a table's pool of servers
   ``maps``           backup and domain table types, one module each plus
-                     the registry in ``maps/__init__``
+                     the registry in ``maps/__init__``; ``maps.sql`` holds
+                     the pgsql, mysql and sqlite types and what they share
 
 Configuration
   ``config``         the parameter schema (every default written once),

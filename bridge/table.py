@@ -36,6 +36,7 @@ error when ``smtputf8`` is on, because Postfix would reject it (G-6).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -164,24 +165,27 @@ class Table:
           problem names the table and the key.
         """
         problems: list[ConfigProblem] = []
+        backup_options = OpenOptions(
+            config.base_dir,
+            smtputf8=config.smtputf8,
+            writable=config.writable,
+            queue_directory=config.queue_directory,
+            proxymap_protocol=config.proxymap_protocol,
+            # A database query gets the time memcache gets (<= 0: the type's own bound).
+            timeout=config.timeout if config.timeout > 0 else None,
+        )
         backup: LookupMap | None = None
         if config.backup:
             try:
-                backup = open_map(
-                    config.backup,
-                    OpenOptions(
-                        config.base_dir, smtputf8=config.smtputf8, writable=config.writable
-                    ),
-                )
+                backup = open_map(config.backup, backup_options)
             except MapError as exc:
                 problems.append(ConfigProblem(config.source, config.name, "backup", str(exc)))
+        # DOM-6: domain tables are opened without case folding, and read-only.
+        domain_options = dataclasses.replace(backup_options, fold=False, writable=False)
         domain_maps: dict[str, LookupMap] = {}
         for spec in config.domain.table_specs if config.domain else ():
             try:
-                # DOM-6: domain tables are opened without case folding.
-                domain_maps[spec] = open_map(
-                    spec, OpenOptions(config.base_dir, fold=False, smtputf8=config.smtputf8)
-                )
+                domain_maps[spec] = open_map(spec, domain_options)
             except MapError as exc:
                 problems.append(ConfigProblem(config.source, config.name, "domain", str(exc)))
         if problems:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import grp
 import math
+import os
 import pwd
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,6 +62,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _LOG_FORMATS = ("text", "json")
 _PROTOCOLS = ("socketmap", "tcp")
 _KETAMA_HASHES = ("one_at_a_time", "md5")
+_PROXYMAP_PROTOCOLS = ("auto", "2.9", "3.11")
 
 
 def parse_postfix_int(text: str) -> int:
@@ -371,6 +373,16 @@ def _domains(setting: Setting) -> tuple[str, ...]:
     return tuple(dict.fromkeys(string_list(setting.value)))
 
 
+def _directory(setting: Setting) -> str:
+    """A directory name; a relative one resolves against the setting's file (not checked)."""
+    spelled = text(setting.value).strip()
+    if not spelled:
+        raise Invalid("empty value: a directory is required")
+    if "\0" in spelled:
+        raise Invalid("a directory name cannot hold NUL")
+    return os.path.normpath(os.path.join(setting.base_dir, spelled))
+
+
 # ---------------------------------------------------- sockets and identity
 
 
@@ -436,6 +448,8 @@ CONVERTERS: Mapping[str, Callable[[Setting, Parameter], object]] = {
     "name": lambda setting, param: text(setting.value),
     "log_level": lambda setting, param: _log_level(setting.value),
     "log_format": lambda setting, param: _choice(setting.value, _LOG_FORMATS),
+    "directory": lambda setting, param: _directory(setting),
+    "proxymap_protocol": lambda setting, param: _choice(setting.value, _PROXYMAP_PROTOCOLS),
     "networks": lambda setting, param: _networks(setting.value),
     "mode": lambda setting, param: _mode(setting.value),
     "user": lambda setting, param: _uid(setting.value),

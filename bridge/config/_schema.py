@@ -60,6 +60,8 @@ ParameterKind = Literal[
     "servers",  # one memcache endpoint or a pool of them
     "ketama_hash",  # one_at_a_time | md5
     "log_format",  # text | json
+    "directory",  # a directory name, relative to the file that names it
+    "proxymap_protocol",  # auto | 2.9 | 3.11
 ]
 
 
@@ -228,7 +230,8 @@ PARAMETERS: tuple[Parameter, ...] = (
         "false",
         None,
         "boolean",
-        "Allow update, delete and load (like proxy_write_maps); needs a writable backup (lmdb).",
+        "Allow update, delete and load (like proxy_write_maps); needs a writable backup: lmdb, "
+        "or proxy: with a type proxywrite can write (btree, hash, lmdb ...).",
     ),
     Parameter(
         "smtputf8",
@@ -312,6 +315,22 @@ PARAMETERS: tuple[Parameter, ...] = (
         1,
         "integer",
         "Most keys the hot cache holds (least recently used go first).",
+    ),
+    Parameter(
+        "queue_directory",
+        "/var/spool/postfix",
+        None,
+        "directory",
+        "Postfix's queue_directory: proxy: backups reach proxymap (or proxywrite) through "
+        "its private/ sockets.",
+    ),
+    Parameter(
+        "proxymap_protocol",
+        "auto",
+        None,
+        "proxymap_protocol",
+        "Request form of proxy: backups: 2.9 (Postfix 2.9 to 3.10), 3.11 (3.11 and later) "
+        "or auto (try 2.9, then 3.11, and remember).",
     ),
 )
 

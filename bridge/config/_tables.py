@@ -278,4 +278,6 @@ def _table_config(
         retry_after=take(values, "retry_after", float),
         hot_cache_ttl=take(values, "hot_cache_ttl", float),
         hot_cache_size=take(values, "hot_cache_size", int),
+        queue_directory=take(values, "queue_directory", str),
+        proxymap_protocol=take(values, "proxymap_protocol", str),
     )

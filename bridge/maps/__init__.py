@@ -19,13 +19,21 @@ type           name                              spec rules
 ``tcp``        ``HOST:PORT``                     3.2, 3.3
 ``lmdb``       a Postfix ``.lmdb`` file (name     LM-1 .. LM-8
                without the suffix)
+``cdb``        a Postfix ``.cdb`` file (name      CDB-1 .. CDB-4
+               without the suffix), read-only
+``proxy``      ``TYPE:NAME``: any Postfix table,  PXC-1 .. PXC-10
+               through Postfix's proxymap
+``pgsql``      a pgsql_table(5) file             SQL-1 .. SQL-7
+``mysql``      a mysql_table(5) file             SQL-1 .. SQL-7
+``sqlite``     a sqlite_table(5) file            SQL-1 .. SQL-7
 =============  ================================  ==========================
 
 Writing: only a type whose record's ``writable`` rule allows it can be
 opened with ``writable=True``, like Postfix's writable table types; the
 others are refused at configuration time rather than failing at the
 first update. A writable lmdb table is created when its file is missing,
-as ``postmap`` does; a read-only one must exist.
+as ``postmap`` does; a read-only one must exist. A ``proxy:`` table is
+writable when proxywrite can change its inner type (PXC-7).
 
 Case folding: with ``fold=True`` (backup tables, like Postfix's
 fold-fixed) the keys stored in texthash and inline tables are folded
@@ -34,6 +42,7 @@ with ``fold=False`` (domain tables, DOM-6) they are kept as written.
 socketmap and tcp are pattern tables and never fold (CASE-3). lmdb keys
 are used exactly as given either way: the caller folds lookup and update
 keys, and ``postmap`` folds the keys of the tables it creates (LM-4).
+``proxy:`` sends keys as given too: proxymap is told no folding (PXC-8).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from bridge.maps import inline, lmdb, socketmap, static, tcp, texthash
+from bridge.maps import cdb, inline, lmdb, proxy, socketmap, static, tcp, texthash
 from bridge.maps.base import (
     BackendHealth,
     HealthReporting,
@@ -54,6 +63,7 @@ from bridge.maps.base import (
     WritableMap,
     never_writable,
 )
+from bridge.maps.sql import mysql, pgsql, sqlite
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -84,6 +94,11 @@ TABLE_TYPES: Final[Mapping[str, TableType]] = MappingProxyType(
             socketmap.TABLE_TYPE,
             tcp.TABLE_TYPE,
             lmdb.TABLE_TYPE,
+            cdb.TABLE_TYPE,
+            proxy.TABLE_TYPE,
+            pgsql.TABLE_TYPE,
+            mysql.TABLE_TYPE,
+            sqlite.TABLE_TYPE,
         )
     }
 )
@@ -104,9 +119,11 @@ def _resolve(spec: str, options: OpenOptions) -> tuple[TableType, str]:
         raise MapError(f"bad table {spec!r}: expected type:name")
     record = TABLE_TYPES.get(table_type)
     if record is None:
+        suggestion = proxy.proxy_suggestion(table_type, spec)
         raise MapError(
             f"unsupported table type {table_type!r} in {spec!r}: "
             f"the bridge supports {', '.join(SUPPORTED_TYPES)}"
+            + (f"; {suggestion}" if suggestion else "")
         )
     if options.writable and not record.writable(name):
         writable = ", ".join(WRITABLE_TYPES)

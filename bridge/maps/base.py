@@ -115,12 +115,22 @@ class OpenOptions:
       smtputf8: full Unicode case folding and the G-6 UTF-8 value check
         when true; ASCII folding and no value check when false.
       writable: open for update and delete (a :class:`WritableMap`).
+      timeout: seconds one lookup of a database backup may take (the
+        table's ``timeout``); None = the type's own default. Types that
+        do not wait on a server ignore it.
+      queue_directory: Postfix's queue directory, where ``proxy:`` tables
+        find proxymap's socket; None = not known (``proxy:`` cannot open).
+      proxymap_protocol: the proxymap protocol form a ``proxy:`` table
+        speaks, ``"2.9"`` or ``"3.11"``; None or ``"auto"`` = detect it.
     """
 
     base_dir: str
     fold: bool = True
     smtputf8: bool = True
     writable: bool = False
+    timeout: float | None = None
+    queue_directory: str | None = None
+    proxymap_protocol: str | None = None
 
 
 def file_path(table_type: str, name: str, options: OpenOptions) -> str:

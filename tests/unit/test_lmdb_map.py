@@ -682,7 +682,8 @@ async def test_lmdb_map_is_a_writable_map(tmp_path: Path) -> None:
 
 def test_lmdb_is_supported_and_writable() -> None:
     assert "lmdb" in SUPPORTED_TYPES
-    assert WRITABLE_TYPES == ("lmdb",)
+    # proxy: is writable for some inner types (PXC-7).
+    assert WRITABLE_TYPES == ("lmdb", "proxy")
 
 
 @pytest.mark.parametrize(
@@ -693,7 +694,7 @@ def test_writable_needs_a_writable_type(spec: str) -> None:
     table_type = spec.partition(":")[0]
     message = (
         f"table type '{table_type}' cannot be written: "
-        "writable = true needs a writable backup type (lmdb)"
+        "writable = true needs a writable backup type (lmdb, proxy)"
     )
     with pytest.raises(MapError) as info:
         validate_spec(spec, OpenOptions("/", writable=True))
