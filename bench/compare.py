@@ -83,6 +83,7 @@ __all__ = [
     "run_postmap_clients",
     "seed_memcache",
     "summarize",
+    "time_postmap_clients",
     "write_slices",
 ]
 
@@ -318,7 +319,7 @@ class RunResult:
 def run_postmap_clients(
     servers: BenchServers, path: str, slices: Sequence[Path], scratch: Path
 ) -> float:
-    """Time ``postmap -q -`` processes, one per key slice, started together.
+    """Time ``postmap -q -`` processes on one path, one per key slice, started together.
 
     Args:
       servers: the running servers.
@@ -330,10 +331,28 @@ def run_postmap_clients(
       Wall seconds from the first start to the last exit.
 
     Raises:
+      RuntimeError: as :func:`time_postmap_clients`.
+    """
+    return time_postmap_clients(servers.table_for(path), path, slices, scratch)
+
+
+def time_postmap_clients(table: str, path: str, slices: Sequence[Path], scratch: Path) -> float:
+    """Time ``postmap -q - TABLE`` processes, one per key slice, started together.
+
+    Args:
+      table: the Postfix table argument (``type:name``).
+      path: a name for the clients' output files and error messages.
+      slices: key files written by :func:`write_slices`; one client each
+        (the same file may serve several clients).
+      scratch: where the clients' output goes.
+
+    Returns:
+      Wall seconds from the first start to the last exit.
+
+    Raises:
       RuntimeError: if a client fails, hangs past the run time limit, or
         prints anything but the expected ``key<TAB>value`` lines.
     """
-    table = servers.table_for(path)
     outputs = [scratch / f"{path}-{index}.out" for index in range(len(slices))]
     errors = [scratch / f"{path}-{index}.err" for index in range(len(slices))]
     with contextlib.ExitStack() as files:
