@@ -36,10 +36,12 @@ WORKDIR /usr/src/postfix-bridge
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only
 # when the dependency list changes, not on every source edit. The image
 # carries the SQL drivers too (the pgsql and mysql extras), so pgsql: and
-# mysql: backups work without building another image.
+# mysql: backups work without building another image. --prefer-binary:
+# the slim image has no compiler, so a wheel of an older version beats
+# the newest version's source (pure-cdb has no 3.12 wheel of 4.x).
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['pgsql'] + x['mysql']))" > requirements.txt \
- && pip install --no-cache-dir -r requirements.txt
+ && pip install --no-cache-dir --prefer-binary -r requirements.txt
 
 # Then the project itself (runtime code only: .dockerignore admits nothing
 # else). The build backend lives in pip's temporary build environment, and
