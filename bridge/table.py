@@ -116,10 +116,18 @@ class BatchReport:
 
 @dataclass(slots=True)
 class _Flight:
-    """One backup query under way; ``outcome`` is set when it is answered."""
+    """The lookups of one key that are under way, and their backup answers.
 
-    done: trio.Event = field(default_factory=trio.Event)
+    At most one of them queries the backup at a time (``querying``);
+    ``answered`` counts the answers so far and ``outcome`` holds the
+    latest; ``changed`` is set when a query ends, answered or cancelled.
+    """
+
+    interest: int = 0
+    querying: bool = False
+    answered: int = 0
     outcome: Outcome | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
 
 
 class Table:
@@ -145,7 +153,7 @@ class Table:
         self._local_domains = frozenset(d for d in folded_domains if d is not None)
         # The default address search is the key alone; skip the generator then.
         self._plain_search = config.address_search == ("full",)
-        # Backup queries under way, by key (single flight, see _from_backup).
+        # Lookups under way, by key, that may share a backup query (_from_backup).
         self._flights: dict[bytes, _Flight] = {}
         self._maps_addresses = config.address_mapping != "none"
         self._propagate = config.address_mapping in config.propagate_unmatched_extensions
@@ -285,37 +293,56 @@ class Table:
             return NOT_FOUND
         if not isinstance(mc_key, bytes):
             return mc_key
-        cached = await self._memcache.get(mc_key)
-        if isinstance(cached, Found):
-            return self._found(cached.value)
-        if self._backup is None:
-            return cached
-        if isinstance(cached, Retry):
-            _log.info("table %s: %s; answering from backup", self.name, cached.reason)
-        return await self._from_backup(self._backup, key, mc_key)
+        backup = self._backup
+        if backup is None:
+            cached = await self._memcache.get(mc_key)
+            return self._found(cached.value) if isinstance(cached, Found) else cached
+        # Registered before asking memcache: a backup answer that arrives
+        # while this get is under way may be shared with this lookup.
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight()
+        flight.interest += 1
+        seen = flight.answered
+        try:
+            cached = await self._memcache.get(mc_key)
+            if isinstance(cached, Found):
+                return self._found(cached.value)
+            if isinstance(cached, Retry):
+                _log.info("table %s: %s; answering from backup", self.name, cached.reason)
+            return await self._from_backup(flight, seen, backup, key, mc_key)
+        finally:
+            flight.interest -= 1
+            if flight.interest == 0:
+                del self._flights[key]
 
-    async def _from_backup(self, backup: LookupMap, key: bytes, mc_key: bytes) -> Outcome:
+    async def _from_backup(
+        self, flight: _Flight, seen: int, backup: LookupMap, key: bytes, mc_key: bytes
+    ) -> Outcome:
         """Ask the backup for ``key`` and refill memcache, once for all concurrent askers.
 
         Single flight: Postfix's processes each query the database for a
-        key that is missing from memcache; here, lookups of a key whose
-        backup query is already under way wait for that query's answer
-        (and its refill) instead of sending their own. The answer is the
-        same one they would have got a moment later.
+        key that is missing from memcache; here, a lookup whose memcache
+        get missed while another lookup's backup query of the same key
+        was under way (or finished during that get) takes that query's
+        answer, refilled once, instead of sending its own. A lookup that
+        started after an answer came back never takes it: it found
+        memcache refilled, or memcache failed and it asks the backup
+        itself, so an old answer (or an old failure) is never served.
 
-        Error handling: if the query in flight is cancelled (its client
+        Args:
+          seen: ``flight.answered`` when the lookup began.
+
+        Error handling: if the query under way is cancelled (its client
         went away, shutdown), a waiting lookup asks the backup itself.
         """
-        while True:
-            flight = self._flights.get(key)
-            if flight is None:
-                break
-            await flight.done.wait()
-            if flight.outcome is not None:
-                metrics.current.backup_shared(self.name)
-                return flight.outcome
-        flight = _Flight()
-        self._flights[key] = flight
+        while flight.answered == seen and flight.querying:
+            await flight.changed.wait()
+        if flight.answered > seen:
+            assert flight.outcome is not None
+            metrics.current.backup_shared(self.name)
+            return flight.outcome
+        flight.querying = True
         try:
             started = time.perf_counter()
             backed = await backup.lookup(key)
@@ -324,10 +351,12 @@ class Table:
                 await self._refill(mc_key, backed.value)
                 backed = self._found(backed.value)
             flight.outcome = backed
+            flight.answered += 1
             return backed
         finally:
-            del self._flights[key]
-            flight.done.set()
+            flight.querying = False
+            changed, flight.changed = flight.changed, trio.Event()
+            changed.set()
 
     # ------------------------------------------------------------ writes
 

@@ -443,3 +443,40 @@ async def test_probe_reports_the_backups_parts(tmp_path: Path) -> None:
     assert health.backup == tuple(backup.parts)
     backup.parts = [BackendHealth("host a", True, "up")]
     assert (await table.probe()).ok
+
+
+@dataclass
+class HeldMemcache(FakeMemcache):
+    """memcache whose first get waits for ``hold`` (keeps a lookup under way)."""
+
+    hold: trio.Event = field(default_factory=trio.Event)
+    held: bool = False
+
+    async def get(self, key: bytes) -> Found | NotFound | Retry:
+        if not self.held:
+            self.held = True
+            await self.hold.wait()
+        return await super().get(key)
+
+
+async def test_a_lookup_after_an_answer_never_reuses_it(tmp_path: Path) -> None:
+    # memcache is down, so every lookup asks the backup. A lookup that
+    # starts after the backup answered (a failure here) must ask again,
+    # even while older lookups of the key are still under way.
+    memcache = HeldMemcache(down=True)
+    backup = FakeBackup({b"k": b"v"}, outcome=Retry("database down"))
+    table, _ = make_table(tmp_path, memcache=memcache, backup=backup)
+    async with trio.open_nursery() as nursery:
+        holder: list[Outcome] = []
+
+        async def hold() -> None:
+            holder.append(await table.lookup(b"k"))
+
+        nursery.start_soon(hold)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await table.lookup(b"k") == Retry("database down")
+        backup.outcome = None  # the database is back
+        assert await table.lookup(b"k") == Found(b"v")
+        memcache.hold.set()
+    assert holder == [Found(b"v")]  # it began before both answers: it takes the latest
+    assert backup.lookups == [b"k", b"k"]
