@@ -10,12 +10,21 @@ One private memcached and one bridge daemon are started on free loopback
 ports. memcached is seeded with ``--keys`` entries under the table's
 ``key_format``; the bridge serves that table over a socketmap listener and
 a tcp listener, and a memcache_table(5) ``.cf`` file describes the same
-table to Postfix's native client. Three *paths* then answer the same keys
+table to Postfix's native client. Four *paths* then answer the same keys
 with Postfix's own client, ``postmap -q -``:
 
 * ``native``:    ``memcache:/.../perf.cf`` (Postfix talks to memcached),
+* ``proxymap``:  ``proxy:memcache:/.../perf.cf`` (Postfix's proxymap(8)
+  daemon of a private Postfix instance talks to memcached; ``postmap -c
+  DIR`` reaches it through that instance's queue directory),
 * ``socketmap``: ``socketmap:inet:127.0.0.1:PORT:perf`` (through the bridge),
 * ``tcp``:       ``tcp:127.0.0.1:PORT`` (through the bridge).
+
+``proxymap`` is the fair comparison for the bridge: both add one process
+and one socket hop between Postfix's client and memcached. The private
+Postfix (``inet_interfaces = loopback-only``, its own config, queue and
+data directories under the scratch directory) is started only when the
+path is selected and is always stopped with ``postfix -c DIR stop``.
 
 A *run* is one path at one client count: with 1 client a single ``postmap
 -q -`` reads every key; with N clients, N ``postmap -q -`` processes read
@@ -28,7 +37,12 @@ run's output is compared byte for byte with the expected ``key<TAB>value``
 lines, so a path that fails fast cannot look fast.
 
 The figures are the median and minimum wall time per path and client
-count, and the ratio of the path's median to the native median. The
+count, the ratio of the path's median to the native median, and for the
+bridge's paths its CPU time per lookup: the bridge process's (and any
+worker children's) utime+stime from ``/proc/PID/stat`` before and after
+each run, divided by the run's lookups (the clock tick is usually 10 ms:
+0.5 us per lookup at 20,000 keys). ``--hot-cache`` adds ``hot_cache_ttl =
+60`` and ``hot_cache_size`` = ``--keys`` to the bridge's table. The
 bridge's table takes extra TOML lines verbatim (``--bridge-extra``), and
 its listeners too (``--listen-extra``), so the effect of a setting is
 measured by running the script twice with different ``--label``\\ s.
@@ -41,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -65,6 +80,7 @@ from tests.integration.harness import (
     run_bridge,
     run_memcached,
 )
+from tests.mailflow.harness import run_postfix
 
 __all__ = [
     "DEFAULT_KEY_FORMAT",
@@ -79,6 +95,8 @@ __all__ = [
     "describe_machine",
     "main",
     "print_machine",
+    "process_cpu_seconds",
+    "proxymap_postfix",
     "rotated",
     "run_postmap_clients",
     "seed_memcache",
@@ -95,7 +113,10 @@ TABLE_NAME: Final = "perf"
 DEFAULT_KEY_FORMAT: Final = "perf:%s"
 
 #: Paths in their base order; each round rotates it by one.
-PATHS: Final = ("native", "socketmap", "tcp")
+PATHS: Final = ("native", "proxymap", "socketmap", "tcp")
+
+#: Paths served by the bridge, whose CPU time is measured per run.
+BRIDGE_PATHS: Final = ("socketmap", "tcp")
 
 #: Entries per pipelined write while seeding. Large enough that seeding
 #: 20,000 keys takes a handful of round trips, small enough that one batch
@@ -111,6 +132,9 @@ _RUN_TIMEOUT: Final = 300.0
 #: postmap and the shared libraries into the page cache and opens the
 #: bridge's memcache connections, costs that are not per-lookup.
 _WARMUP_KEYS: Final = 200
+
+#: Longest the private Postfix's proxymap may take to answer its first lookup.
+_PROXYMAP_READY_TIMEOUT: Final = 30.0
 
 
 def bench_key(index: int, prefix: str = "user") -> str:
@@ -179,6 +203,9 @@ class BenchServers:
       tcp_port: the bridge's tcp listener on 127.0.0.1, serving the table.
       native_cf: a memcache_table(5) file for the same table.
       keys: the seeded lookup keys, in order.
+      postfix_config: the config_directory of a private Postfix whose
+        proxymap serves ``proxy:memcache:`` + ``native_cf``, or None when
+        none runs (then the ``proxymap`` path is unavailable).
     """
 
     memcached: Memcached
@@ -187,16 +214,27 @@ class BenchServers:
     tcp_port: int
     native_cf: Path
     keys: tuple[str, ...]
+    postfix_config: Path | None = None
 
     def table_for(self, path: str) -> str:
         """The Postfix table argument (``type:name``) that reaches the table by ``path``."""
         if path == "native":
             return f"memcache:{self.native_cf}"
+        if path == "proxymap":
+            return f"proxy:memcache:{self.native_cf}"
         if path == "socketmap":
             return f"socketmap:inet:127.0.0.1:{self.socketmap_port}:{TABLE_NAME}"
         if path == "tcp":
             return f"tcp:127.0.0.1:{self.tcp_port}"
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
+
+    def config_dir_for(self, path: str) -> Path | None:
+        """The ``postmap -c`` directory the path needs, or None for the default."""
+        if path != "proxymap":
+            return None
+        if self.postfix_config is None:
+            raise RuntimeError("proxymap: no private Postfix is running (see proxymap_postfix)")
+        return self.postfix_config
 
 
 @contextlib.contextmanager
@@ -259,6 +297,73 @@ def bench_servers(
             yield BenchServers(memcached, bridge, socketmap_port, tcp_port, native_cf, keys)
 
 
+@contextlib.contextmanager
+def proxymap_postfix(
+    root: Path, native_cf: Path, probe_key: str, probe_value: str
+) -> Iterator[Path]:
+    """Start a private Postfix whose proxymap serves ``proxy:memcache:native_cf``.
+
+    The instance lives under ``root`` (config, queue and data directories;
+    ``inet_interfaces = loopback-only``) and is always stopped with
+    ``postfix -c DIR stop`` when the context exits, however it exits. Every
+    directory from ``/`` down to ``native_cf`` must be traversable, and the
+    file readable, by user postfix: proxymap opens it after dropping
+    privileges.
+
+    Args:
+      root: an empty or missing directory for the instance.
+      native_cf: the memcache_table(5) file proxymap is allowed to open.
+      probe_key: a seeded key; the instance is ready once ``postmap -c DIR
+        -q probe_key proxy:memcache:native_cf`` prints ``probe_value``.
+      probe_value: the value stored for ``probe_key``.
+
+    Yields:
+      The instance's config_directory, for ``postmap -c``.
+
+    Raises:
+      RuntimeError: if Postfix does not start or proxymap does not answer
+        within the time limit.
+    """
+    table = f"proxy:memcache:{native_cf}"
+    # run_postfix asserts; the benchmark reports failures as RuntimeError.
+    with contextlib.ExitStack() as stack:
+        try:
+            instance = stack.enter_context(
+                run_postfix("bench", root, free_port(), {"proxy_read_maps": table})
+            )
+        except AssertionError as exc:
+            raise RuntimeError(f"proxymap: {exc}") from None
+        _wait_proxymap_ready(instance.config_dir, table, probe_key, probe_value)
+        yield instance.config_dir
+
+
+def _wait_proxymap_ready(config_dir: Path, table: str, key: str, value: str) -> None:
+    deadline = time.monotonic() + _PROXYMAP_READY_TIMEOUT
+    last = ""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(
+                f"proxymap: no answer for {key!r} within {_PROXYMAP_READY_TIMEOUT:g} s: {last}"
+            )
+        try:
+            completed = subprocess.run(
+                [POSTMAP, "-c", str(config_dir), "-q", key, table],
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, remaining),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            last = "postmap timed out"
+            continue
+        if completed.returncode == 0 and completed.stdout.strip() == value:
+            return
+        output = f"{completed.stdout.strip()!r} {completed.stderr.strip()!r}"
+        last = f"exit {completed.returncode}, {output}"
+        time.sleep(0.05)
+
+
 def _two_free_ports() -> tuple[int, int]:
     first = free_port()
     second = free_port()
@@ -306,14 +411,17 @@ class RunResult:
     """One timed run: a path at a client count, over every key.
 
     Attributes:
-      path: ``native``, ``socketmap`` or ``tcp``.
+      path: one of :data:`PATHS`.
       clients: how many ``postmap -q -`` processes shared the keys.
       seconds: wall time from starting the first client to the last exit.
+      bridge_cpu: the bridge's CPU seconds (user + system) during the run,
+        or None when the path does not go through the bridge.
     """
 
     path: str
     clients: int
     seconds: float
+    bridge_cpu: float | None = None
 
 
 def run_postmap_clients(
@@ -333,10 +441,19 @@ def run_postmap_clients(
     Raises:
       RuntimeError: as :func:`time_postmap_clients`.
     """
-    return time_postmap_clients(servers.table_for(path), path, slices, scratch)
+    return time_postmap_clients(
+        servers.table_for(path), path, slices, scratch, config_dir=servers.config_dir_for(path)
+    )
 
 
-def time_postmap_clients(table: str, path: str, slices: Sequence[Path], scratch: Path) -> float:
+def time_postmap_clients(
+    table: str,
+    path: str,
+    slices: Sequence[Path],
+    scratch: Path,
+    *,
+    config_dir: Path | None = None,
+) -> float:
     """Time ``postmap -q - TABLE`` processes, one per key slice, started together.
 
     Args:
@@ -345,6 +462,8 @@ def time_postmap_clients(table: str, path: str, slices: Sequence[Path], scratch:
       slices: key files written by :func:`write_slices`; one client each
         (the same file may serve several clients).
       scratch: where the clients' output goes.
+      config_dir: passed to ``postmap -c`` (needed for ``proxy:`` tables of
+        a private instance), or None for Postfix's default.
 
     Returns:
       Wall seconds from the first start to the last exit.
@@ -355,6 +474,7 @@ def time_postmap_clients(table: str, path: str, slices: Sequence[Path], scratch:
     """
     outputs = [scratch / f"{path}-{index}.out" for index in range(len(slices))]
     errors = [scratch / f"{path}-{index}.err" for index in range(len(slices))]
+    argv = [POSTMAP, *(["-c", str(config_dir)] if config_dir else []), "-q", "-", table]
     with contextlib.ExitStack() as files:
         processes: list[subprocess.Popen[bytes]] = []
         try:
@@ -362,7 +482,7 @@ def time_postmap_clients(table: str, path: str, slices: Sequence[Path], scratch:
             for key_file, output, error in zip(slices, outputs, errors, strict=True):
                 processes.append(
                     subprocess.Popen(
-                        [POSTMAP, "-q", "-", table],
+                        argv,
                         stdin=files.enter_context(key_file.open("rb")),
                         stdout=files.enter_context(output.open("wb")),
                         stderr=files.enter_context(error.open("wb")),
@@ -424,6 +544,33 @@ def write_slices(directory: Path, keys: Sequence[str], clients: int) -> list[Pat
     return files
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (utime + stime) of a process and its live descendants, from ``/proc``.
+
+    Descendants count so that ``workers = N`` children are included; a
+    child that exited during a run loses its share, which cannot happen
+    while the bridge runs normally.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesized command: state is field 3, so
+        # utime (14) and stime (15) are at offsets 11 and 12.
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    pending.extend(int(child) for child in (task / "children").read_text().split())
+    return total / ticks
+
+
 def rotated(paths: Sequence[str], round_number: int) -> list[str]:
     """The paths in this round's order: rotated by one per round."""
     shift = round_number % len(paths)
@@ -477,7 +624,7 @@ def print_machine(out: TextIO = sys.stdout) -> None:
 def summarize(
     results: Sequence[RunResult], paths: Sequence[str], clients: Sequence[int], key_count: int
 ) -> str:
-    """Format the per-path table: median, min, max, ratio to the native median.
+    """Format the per-path table: median, min, max, ratio to native, bridge CPU per lookup.
 
     Args:
       results: every timed run.
@@ -490,7 +637,7 @@ def summarize(
     """
     lines = [
         f"{'clients':>7}  {'path':<9}  {'median s':>9}  {'min s':>7}  {'max s':>7}  "
-        f"{'vs native':>9}  {'lookups/s':>10}"
+        f"{'vs native':>9}  {'lookups/s':>10}  {'bridge us/lookup':>16}"
     ]
     for client_count in clients:
         medians: dict[str, float] = {}
@@ -502,9 +649,15 @@ def summarize(
             times = [r.seconds for r in results if r.path == path and r.clients == client_count]
             native = medians.get("native")
             ratio = f"{median / native:9.2f}" if native else f"{'-':>9}"
+            cpu = [
+                r.bridge_cpu
+                for r in results
+                if r.path == path and r.clients == client_count and r.bridge_cpu is not None
+            ]
+            cpu_text = f"{statistics.median(cpu) / key_count * 1e6:>16.1f}" if cpu else f"{'-':>16}"
             lines.append(
                 f"{client_count:>7}  {path:<9}  {median:>9.3f}  {min(times):>7.3f}  "
-                f"{max(times):>7.3f}  {ratio}  {key_count / median:>10,.0f}"
+                f"{max(times):>7.3f}  {ratio}  {key_count / median:>10,.0f}  {cpu_text}"
             )
     return "\n".join(lines)
 
@@ -532,8 +685,9 @@ def _parse_paths(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this script."""
     parser = argparse.ArgumentParser(
-        description="Time postmap -q - through memcache: (native), the bridge's socketmap "
-        "and tcp listeners, interleaved; print medians and ratios to native."
+        description="Time postmap -q - through memcache: (native), proxy:memcache: "
+        "(proxymap), the bridge's socketmap and tcp listeners, interleaved; print medians, "
+        "ratios to native and the bridge's CPU time per lookup."
     )
     parser.add_argument("--keys", type=int, default=20_000, help="keys seeded and looked up")
     parser.add_argument("--rounds", type=int, default=5, help="runs per path and client count")
@@ -547,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--paths",
         type=_parse_paths,
         default=list(PATHS),
-        help="comma-separated subset of native,socketmap,tcp (default: all)",
+        help="comma-separated subset of native,proxymap,socketmap,tcp (default: all)",
     )
     parser.add_argument(
         "--bridge-extra",
@@ -570,6 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="TOML",
         help="a TOML line added verbatim at the top of the bridge's file, e.g. 'workers = 2'",
+    )
+    parser.add_argument(
+        "--hot-cache",
+        action="store_true",
+        help="add 'hot_cache_ttl = 60' and 'hot_cache_size = KEYS' to the bridge's table",
     )
     parser.add_argument("--label", default="", help="a name for this configuration, printed")
     return parser
@@ -599,39 +758,59 @@ def _run(args: argparse.Namespace) -> int:
     print(f"label: {args.label or '(none)'}")
     print_machine()
     print(f"keys: {args.keys}, rounds: {args.rounds}, clients: {clients}, paths: {paths}")
-    for line in args.bridge_extra:
+    table_extra: list[str] = list(args.bridge_extra)
+    if args.hot_cache:
+        table_extra += ["hot_cache_ttl = 60", f"hot_cache_size = {args.keys}"]
+    for line in table_extra:
         print(f"table extra: {line}")
     for line in args.listen_extra:
         print(f"listen extra: {line}")
     for line in args.top_extra:
         print(f"top extra: {line}")
-    with tempfile.TemporaryDirectory(prefix="bench-compare-") as scratch_name:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-compare-") as scratch_name,
+        contextlib.ExitStack() as stack,
+    ):
         scratch = Path(scratch_name)
-        with bench_servers(
-            scratch,
-            args.keys,
-            table_extra=args.bridge_extra,
-            listen_extra=args.listen_extra,
-            top_extra=args.top_extra,
-        ) as servers:
-            slices = {count: write_slices(scratch, servers.keys, count) for count in clients}
-            warmup_dir = scratch / "warmup"
-            warmup_dir.mkdir()
-            warmup_slices = write_slices(
-                warmup_dir, servers.keys[: min(_WARMUP_KEYS, args.keys)], 1
+        # proxymap runs as user postfix and opens perf.cf in here.
+        scratch.chmod(0o755)
+        servers = stack.enter_context(
+            bench_servers(
+                scratch,
+                args.keys,
+                table_extra=table_extra,
+                listen_extra=args.listen_extra,
+                top_extra=args.top_extra,
             )
-            for path in paths:
-                run_postmap_clients(servers, path, warmup_slices, warmup_dir)
-            results: list[RunResult] = []
-            for round_number in range(args.rounds):
-                order = rotated(paths, round_number)
-                figures = []
-                for client_count in clients:
-                    for path in order:
-                        seconds = run_postmap_clients(servers, path, slices[client_count], scratch)
-                        results.append(RunResult(path, client_count, seconds))
-                        figures.append(f"{path}x{client_count} {seconds:.3f}s")
-                print(f"round {round_number + 1}: " + ", ".join(figures), flush=True)
+        )
+        servers.native_cf.chmod(0o644)
+        if "proxymap" in paths:
+            postfix_config = stack.enter_context(
+                proxymap_postfix(
+                    scratch / "postfix", servers.native_cf, servers.keys[0], bench_value(0)
+                )
+            )
+            servers = dataclasses.replace(servers, postfix_config=postfix_config)
+        slices = {count: write_slices(scratch, servers.keys, count) for count in clients}
+        warmup_dir = scratch / "warmup"
+        warmup_dir.mkdir()
+        warmup_slices = write_slices(warmup_dir, servers.keys[: min(_WARMUP_KEYS, args.keys)], 1)
+        for path in paths:
+            run_postmap_clients(servers, path, warmup_slices, warmup_dir)
+        results: list[RunResult] = []
+        for round_number in range(args.rounds):
+            order = rotated(paths, round_number)
+            figures = []
+            for client_count in clients:
+                for path in order:
+                    bridged = path in BRIDGE_PATHS
+                    pid = servers.bridge.process.pid
+                    cpu_before = process_cpu_seconds(pid) if bridged else 0.0
+                    seconds = run_postmap_clients(servers, path, slices[client_count], scratch)
+                    cpu = process_cpu_seconds(pid) - cpu_before if bridged else None
+                    results.append(RunResult(path, client_count, seconds, cpu))
+                    figures.append(f"{path}x{client_count} {seconds:.3f}s")
+            print(f"round {round_number + 1}: " + ", ".join(figures), flush=True)
     print()
     print(summarize(results, paths, clients, args.keys))
     return 0
