@@ -58,10 +58,17 @@ from bridge.protocol.memcache import (
 
 _log = logging.getLogger("bridge.memcache")
 
-#: Idle connections kept per server. Lookups are short, so a few
-#: connections carry the load of many Postfix processes (as proxymap
-#: consolidates connections); more would only hold server slots.
-DEFAULT_POOL_SIZE = 8
+#: Most idle connections kept per server. A connection is opened only
+#: when no idle one is free, so the pool grows to the concurrency actually
+#: seen (32 busy Postfix processes: about 32 connections) and stays there
+#: under steady load instead of opening and closing connections; this
+#: caps it below memcached's default of 1024 connections for all clients.
+MAX_IDLE_CONNECTIONS = 256
+
+#: An idle connection unused this long is closed: after a burst the pool
+#: shrinks back to what the load needs. Idle connections are reused most
+#: recently used first, so the ones beyond the steady need age out.
+IDLE_CLOSE = 60.0
 
 #: Bytes asked of the socket per read: a whole value of the default
 #: data_size_limit plus its header arrives in one or two reads.
@@ -101,6 +108,8 @@ class _Connection:
 
     def __init__(self, stream: netio.Connection, settings: MemcacheSettings) -> None:
         self.stream = stream
+        #: trio time when the connection last went back to the pool.
+        self.idle_since = 0.0
         self.protocol = MemcacheClientProtocol(
             line_size_limit=settings.line_size_limit,
             data_size_limit=settings.data_size_limit,
@@ -146,7 +155,7 @@ class MemcacheClient:
         endpoint: Endpoint,
         settings: MemcacheSettings,
         *,
-        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_size: int = MAX_IDLE_CONNECTIONS,
     ) -> None:
         self.endpoint = endpoint
         self._name = str(endpoint)
@@ -327,7 +336,7 @@ class MemcacheClient:
     # ------------------------------------------------------ connections
 
     async def _acquire(self) -> _Connection:
-        """An idle connection that is still open, or a new one."""
+        """The most recently used idle connection that is still open, or a new one."""
         while self._idle:
             candidate = self._idle.pop()
             if candidate.still_open():
@@ -336,9 +345,21 @@ class MemcacheClient:
         return await self._connect()
 
     def _release(self, connection: _Connection) -> None:
-        """Pool a connection whose protocol state is clean; close any other."""
-        if connection.reusable and not self._closed and len(self._idle) < self._pool_size:
-            self._idle.append(connection)
+        """Pool a connection whose protocol state is clean; close any other.
+
+        Also closes the idle connections unused for :data:`IDLE_CLOSE`:
+        they sit at the bottom of the list, since reuse takes from the top.
+        """
+        now = trio.current_time()
+        idle = self._idle
+        expired = 0
+        while expired < len(idle) and now - idle[expired].idle_since >= IDLE_CLOSE:
+            idle[expired].close()
+            expired += 1
+        del idle[:expired]
+        if connection.reusable and not self._closed and len(idle) < self._pool_size:
+            connection.idle_since = now
+            idle.append(connection)
         else:
             connection.close()
 

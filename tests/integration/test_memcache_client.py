@@ -156,3 +156,50 @@ async def test_cancelled_request_never_leaves_a_reply_for_the_next(
     # The half-done connection was discarded, so this reads its own reply.
     assert await client.get(b"b") == b"B"
     assert server.connections == 2
+
+
+# ---------------------------------------------------------------- pool sized to demand
+
+
+def _stat(memcached: Memcached, name: bytes) -> int:
+    reply = memcached._exchange(b"stats\r\n", [b"END\r\n"])
+    for line in reply.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == name:
+            return int(parts[2])
+    raise AssertionError(f"no stat {name!r} in {reply!r}")
+
+
+async def test_steady_concurrency_keeps_its_connections(memcached: Memcached) -> None:
+    # 32 lookups at a time, round after round: the pool grows to 32 and no
+    # connection is opened after the first round (no connect/close churn).
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), memcache_settings())
+    memcached.set(b"k", b"v")
+    opened_before = _stat(memcached, b"total_connections")
+    try:
+        for _ in range(5):
+            async with trio.open_nursery() as nursery:
+                for _ in range(32):
+                    nursery.start_soon(client.get, b"k")
+        opened = _stat(memcached, b"total_connections") - opened_before
+        # one per concurrent lookup, plus this test's own stats connections
+        assert opened <= 32 + 2, opened
+    finally:
+        await client.aclose()
+
+
+async def test_idle_connections_are_closed_after_a_while(
+    memcached: Memcached, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.memcache.client.IDLE_CLOSE", 0.2)
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), memcache_settings())
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(client.get, b"k")
+        assert len(client._idle) == 10
+        await trio.sleep(0.3)
+        await client.get(b"k")  # reuses the newest, closes the nine that aged out
+        assert len(client._idle) == 1
+    finally:
+        await client.aclose()
