@@ -26,6 +26,7 @@ instead of waiting forever on a reused file descriptor.
 from __future__ import annotations
 
 import socket
+import time
 
 import trio
 
@@ -55,19 +56,45 @@ class Connection:
         fd = trio_sock.detach()
         return cls(socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=fd))
 
-    async def receive(self, max_bytes: int) -> bytes:
+    async def receive(self, max_bytes: int, *, spin: float = 0.0) -> bytes:
         """Wait until the peer sent something and return it; b"" at end of stream.
+
+        Args:
+          spin: seconds to keep trying the socket before parking in trio,
+            but only while no other task is ready to run: memcache on
+            loopback answers within microseconds, and a reply caught while
+            spinning saves a trip through the scheduler (the cost of one
+            lookup at one client). 0 = park at once.
 
         Raises:
           trio.ClosedResourceError: the connection was closed meanwhile.
           OSError: a socket error other than a reset (a reset reads as b"").
         """
+        if spin > 0:
+            data = self._spin(max_bytes, spin)
+            if data is not None:
+                # Still a cancellation point, without the scheduling round.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return data
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             try:
                 return self.sock.recv(max_bytes)
             except BlockingIOError:
                 continue  # spurious wake-up
+            except (ConnectionResetError, ConnectionAbortedError):
+                return b""
+
+    def _spin(self, max_bytes: int, spin: float) -> bytes | None:
+        """Non-blocking reads for up to ``spin`` seconds; None if nothing came (or others wait)."""
+        deadline = time.perf_counter() + spin
+        statistics = trio.lowlevel.current_statistics
+        while True:
+            try:
+                return self.sock.recv(max_bytes)
+            except BlockingIOError:
+                if time.perf_counter() >= deadline or statistics().tasks_runnable:
+                    return None
             except (ConnectionResetError, ConnectionAbortedError):
                 return b""
 

@@ -204,6 +204,7 @@ class Table:
             retry_pause=config.retry_pause,
             line_size_limit=config.line_size_limit,
             data_size_limit=config.data_size_limit,
+            busy_poll_us=config.busy_poll_us,
         )
         memcache = MemcachePool(
             config.memcache,

@@ -108,6 +108,7 @@ class TableConfig:
     retry_after: float
     hot_cache_ttl: float
     hot_cache_size: int
+    busy_poll_us: int
     queue_directory: str
     #: auto, 2.9 or 3.11
     proxymap_protocol: str

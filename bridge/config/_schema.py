@@ -317,6 +317,14 @@ PARAMETERS: tuple[Parameter, ...] = (
         "Most keys the hot cache holds (least recently used go first).",
     ),
     Parameter(
+        "busy_poll_us",
+        "50",
+        0,
+        "integer",
+        "Microseconds to keep trying for a memcache reply before waiting in the event loop, "
+        "only while no other work is ready; 0 = off.",
+    ),
+    Parameter(
         "queue_directory",
         "/var/spool/postfix",
         None,

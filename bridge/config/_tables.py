@@ -278,6 +278,7 @@ def _table_config(
         retry_after=take(values, "retry_after", float),
         hot_cache_ttl=take(values, "hot_cache_ttl", float),
         hot_cache_size=take(values, "hot_cache_size", int),
+        busy_poll_us=take(values, "busy_poll_us", int),
         queue_directory=take(values, "queue_directory", str),
         proxymap_protocol=take(values, "proxymap_protocol", str),
     )

@@ -91,6 +91,8 @@ class MemcacheSettings:
     retry_pause: int
     line_size_limit: int
     data_size_limit: int
+    #: How long a read tries the socket before parking in trio (netio).
+    busy_poll_us: int
 
 
 class _Failure(Exception):
@@ -310,6 +312,7 @@ class MemcacheClient:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise _Failure(f"write error: {exc or type(exc).__name__}") from None
         protocol = connection.protocol
+        spin = self.settings.busy_poll_us / 1_000_000
         timed_out = False
         while (event := protocol.next_event()) is NEED_DATA:
             # A class-based cancel scope: fail_after's generator-based context
@@ -318,7 +321,7 @@ class MemcacheClient:
                 if timeout > 0:
                     scope.deadline = trio.current_time() + timeout
                 try:
-                    chunk = await connection.stream.receive(_RECEIVE_SIZE)
+                    chunk = await connection.stream.receive(_RECEIVE_SIZE, spin=spin)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     chunk = b""
             if scope.cancelled_caught:

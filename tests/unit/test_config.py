@@ -501,6 +501,7 @@ def test_defaults(tmp_path: Path) -> None:
         retry_after=60.0,
         hot_cache_ttl=0.0,
         hot_cache_size=10000,
+        busy_poll_us=50,
         queue_directory="/var/spool/postfix",
         proxymap_protocol="auto",
     )
