@@ -32,13 +32,19 @@ import os
 import pwd
 import resource
 import signal
-from collections.abc import Mapping
+import socket as stdlib_socket
+from collections.abc import Mapping, Sequence
 
 import trio
 
 from bridge import systemd
 from bridge.config import BridgeConfig
-from bridge.listeners import BoundListener, bind_listeners, unlink_unix_sockets
+from bridge.listeners import (
+    BoundListener,
+    bind_listeners,
+    bind_metrics_listeners,
+    unlink_unix_sockets,
+)
 from bridge.server import BridgeServer
 from bridge.table import Table, close_tables
 from bridge.workers import run_workers
@@ -61,6 +67,15 @@ def run(config: BridgeConfig, tables: Mapping[str, Table]) -> int:
     raise_open_files_limit()
     try:
         bound = bind_listeners(config)
+        try:
+            # With workers, the [metrics] endpoint is bound once, here, and
+            # served by every worker (a single process binds it in the server).
+            metrics_listeners = bind_metrics_listeners(config) if config.workers > 1 else []
+        except OSError:
+            for item in bound:
+                item.listener.close()
+            unlink_unix_sockets(bound)
+            raise
     except OSError:
         trio.run(close_tables, tables)
         raise
@@ -69,7 +84,9 @@ def run(config: BridgeConfig, tables: Mapping[str, Table]) -> int:
         if config.workers > 1:
             # Each worker opens its own tables after the fork.
             trio.run(close_tables, tables)
-            return run_workers(config, config.workers, bound, serve_until_signalled)
+            return run_workers(
+                config, config.workers, bound, serve_until_signalled, metrics_listeners
+            )
         trio.run(serve_until_signalled, config, tables, bound)
     finally:
         unlink_unix_sockets(bound)
@@ -123,14 +140,17 @@ async def serve_until_signalled(
     config: BridgeConfig,
     tables: Mapping[str, Table],
     bound: list[BoundListener],
+    metrics_listeners: Sequence[stdlib_socket.socket] = (),
 ) -> None:
     """Run the server; SIGHUP reloads, SIGTERM and SIGINT shut down cleanly.
 
     Args:
       bound: every listener, bound by the caller (the serve command or the
         workers' supervisor).
+      metrics_listeners: the ``[metrics]`` endpoint's sockets, bound by the
+        workers' supervisor; empty in a single process (the server binds it).
     """
-    server = BridgeServer(config, tables, bound=bound)
+    server = BridgeServer(config, tables, bound=bound, metrics_listeners=metrics_listeners)
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve)

@@ -11,13 +11,19 @@ prometheus_client's own server would run in a thread.
 table's memcache servers answered the last probe within the table's
 ``timeout``, 503 otherwise, with a short JSON body saying which. The
 probe runs every ``health_interval`` seconds (see :func:`probe_forever`).
+
+With ``workers = N`` the supervisor binds the endpoint once and every
+worker serves it: ``/metrics`` is the sum over all workers (see
+:mod:`bridge.metrics`), ``/healthz`` the view of the worker that
+accepted the connection (each probes its own tables).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+import socket as stdlib_socket
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -79,10 +85,22 @@ async def _handle(stream: trio.SocketStream) -> None:
 
 
 async def serve_metrics(
-    endpoint: InetEndpoint, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    endpoint: InetEndpoint,
+    bound: Sequence[stdlib_socket.socket] = (),
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /metrics and /healthz on ``endpoint`` until cancelled."""
-    listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
+    """Serve /metrics and /healthz on ``endpoint`` until cancelled.
+
+    Args:
+      bound: the endpoint's listening sockets when the workers' supervisor
+        bound them (shared by every worker); empty: bind ``endpoint`` here.
+    """
+    listeners: list[trio.SocketListener]
+    if bound:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in bound]
+    else:
+        listeners = await trio.open_tcp_listeners(endpoint.port, host=endpoint.host)
     task_status.started()
     await trio.serve_listeners(_handle, listeners)
 

@@ -198,6 +198,20 @@ def bind_listeners(config: BridgeConfig) -> list[BoundListener]:
     return bound
 
 
+def bind_metrics_listeners(config: BridgeConfig) -> list[stdlib_socket.socket]:
+    """Bind the ``[metrics]`` endpoint once for every worker (none without ``[metrics]``).
+
+    Only the workers' supervisor does this: a single process binds it in
+    the server (:func:`bridge.http.serve_metrics`).
+
+    Raises:
+      OSError: the endpoint cannot be bound.
+    """
+    if config.metrics_endpoint is None:
+        return []
+    return _bind_inet(config.metrics_endpoint, reuse_port=False)
+
+
 def unlink_unix_sockets(bound: list[BoundListener]) -> None:
     """Remove the socket files of the unix listeners bound here (at exit).
 

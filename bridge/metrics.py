@@ -14,6 +14,37 @@ served by :mod:`bridge.http`; the health state lives here: each table's
 last memcache probe (every server answered ``version`` within the
 table's timeout) and whether the configuration is loaded.
 
+Several workers (``workers = N``)
+---------------------------------
+With workers the metrics are aggregated across the worker processes by
+prometheus_client's multiprocess mode, chosen over the supervisor
+collecting from the workers because it needs no IPC and no event loop
+in the supervisor (which only forks, forwards signals and waits), and
+because the library's merge is the reference implementation of summing
+counters and histograms across processes:
+
+* the supervisor creates a private temporary directory (mode 0700, as
+  the unprivileged user) before forking (:func:`new_multiprocess_dir`)
+  and removes it when it exits (:func:`remove_multiprocess_dir`);
+* each worker, right after the fork and before :func:`enable`, switches
+  the library to memory-mapped values in that directory
+  (:func:`use_multiprocess_dir`): every recording writes to the worker's
+  own files (``counter_PID.db``, ...);
+* ``/metrics`` is answered by any worker with the merge of every file
+  (``MultiProcessCollector``): counters and histograms are summed over
+  all workers, including workers that died and were replaced (so they
+  never go backwards), and ``open_connections`` is a ``livesum`` gauge:
+  the sum over the live workers, the supervisor dropping a dead worker's
+  gauge file (:func:`process_exited`);
+* the metrics listener is bound once by the supervisor and all workers
+  accept on it, like the lookup listeners.
+
+The health state stays per process: each worker probes its own tables,
+and ``/healthz`` reports the view of the worker that accepted the
+request. ``config_reloads_total`` counts each worker's reload (one
+SIGHUP counts ``workers`` reloads). Multiprocess mode exports no
+``_created`` samples.
+
 Metric names (all prefixed ``postfix_bridge_``):
 
 * ``requests_total{table,protocol,result}`` (result: found, notfound,
@@ -31,10 +62,21 @@ Metric names (all prefixed ``postfix_bridge_``):
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
 from bridge.maps.base import BackendHealth
 from bridge.outcome import ConfigFailure, Found, NotFound, Outcome, Retry
@@ -102,7 +144,8 @@ class Metrics:
 
     enabled = True
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        """Create the metrics (recorded in ``multiprocess_dir`` with workers)."""
         self.registry = CollectorRegistry()
         self.health = HealthState()
         prefix = "postfix_bridge_"
@@ -174,6 +217,8 @@ class Metrics:
             "Client connections open now, by listener.",
             ["listener"],
             registry=self.registry,
+            # With workers: the sum over the live ones (ignored otherwise).
+            multiprocess_mode="livesum",
         )
         self._reloads = Counter(
             prefix + "config_reloads_total",
@@ -183,6 +228,12 @@ class Metrics:
         )
         # Labelled children, resolved once per label set.
         self._children: dict[tuple[object, ...], object] = {}
+        # What /metrics shows: this process's registry, or with workers
+        # the merge of every worker's files.
+        self._exposed = self.registry
+        if multiprocess_dir is not None:
+            self._exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._exposed, multiprocess_dir)  # type: ignore[no-untyped-call]
 
     def _child(self, metric: _Metric, *labels: str) -> _Metric:
         key = (id(metric), *labels)
@@ -235,8 +286,8 @@ class Metrics:
         counter.inc()
 
     def exposition(self) -> bytes:
-        """The Prometheus text format of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text format of every metric (every worker's, summed)."""
+        return generate_latest(self._exposed)
 
 
 class _DisabledMetrics(Metrics):
@@ -284,9 +335,52 @@ DISABLED: Metrics = _DisabledMetrics()
 current: Metrics = DISABLED
 
 
+#: The directory every worker records into (None: a single process).
+_multiprocess_dir: str | None = None
+
+#: The environment variable prometheus_client's multiprocess mode reads.
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def enable() -> Metrics:
     """Switch the process to recording metrics (once, at start)."""
     global current
     if not current.enabled:
-        current = Metrics()
+        current = Metrics(_multiprocess_dir)
     return current
+
+
+def new_multiprocess_dir() -> str:
+    """Create the supervisor's private directory for the workers' metric files.
+
+    Raises:
+      OSError: the directory cannot be created (the message names where).
+    """
+    try:
+        return tempfile.mkdtemp(prefix="postfix-bridge-metrics-")
+    except OSError as exc:
+        where = tempfile.gettempdir()
+        raise OSError(exc.errno, f"metrics directory in {where}: {exc.strerror}") from exc
+
+
+def use_multiprocess_dir(directory: str) -> None:
+    """Record this worker's metrics in ``directory``, shared with the other workers.
+
+    Called in a freshly forked worker, before :func:`enable` creates any
+    metric: the library picks its value class when it is imported (from
+    the environment), so it is switched here explicitly.
+    """
+    global _multiprocess_dir
+    os.environ[_MULTIPROC_ENV] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _multiprocess_dir = directory
+
+
+def process_exited(directory: str, pid: int) -> None:
+    """Drop the live gauges of a worker that exited (its counters stay, summed)."""
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def remove_multiprocess_dir(directory: str) -> None:
+    """Remove the workers' metric files (the supervisor, at exit)."""
+    shutil.rmtree(directory, ignore_errors=True)

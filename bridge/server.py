@@ -41,8 +41,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket as stdlib_socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -98,13 +99,21 @@ class BridgeServer:
       bound: every listener, bound by the caller
         (:func:`bridge.listeners.bind_listeners`), which also drops
         privileges and removes socket files at exit.
+      metrics_listeners: the ``[metrics]`` endpoint's sockets when the
+        workers' supervisor bound them; empty: the server binds it.
     """
 
     def __init__(
-        self, config: BridgeConfig, tables: Mapping[str, Table], *, bound: list[BoundListener]
+        self,
+        config: BridgeConfig,
+        tables: Mapping[str, Table],
+        *,
+        bound: list[BoundListener],
+        metrics_listeners: Sequence[stdlib_socket.socket] = (),
     ) -> None:
         self.config = config
         self._bound = bound
+        self._metrics_listeners = metrics_listeners
         self.tables: Mapping[str, Table] = tables
         self._shutting_down = False
         self._accept_scope: trio.CancelScope | None = None
@@ -132,7 +141,9 @@ class BridgeServer:
             self._background = background
             if self.config.metrics_endpoint is not None:
                 metrics.enable()
-                await background.start(http.serve_metrics, self.config.metrics_endpoint)
+                await background.start(
+                    http.serve_metrics, self.config.metrics_endpoint, self._metrics_listeners
+                )
                 background.start_soon(
                     http.probe_forever, lambda: self.tables, self.config.health_interval
                 )

@@ -15,6 +15,13 @@ and SIGTERM/SIGINT (each worker finishes the requests it holds and
 exits), restarts a worker that dies unexpectedly, and exits 0 once every
 worker has exited after a stop.
 
+With ``[metrics]`` the supervisor also binds the metrics endpoint once
+(every worker serves it) and owns a private temporary directory where
+each worker records its metrics, so that ``/metrics`` shows the sum over
+the workers (see :mod:`bridge.metrics`): it creates the directory before
+the first fork, drops a dead worker's live gauges, and removes the
+directory when it exits.
+
 Structured concurrency holds inside each worker; the supervisor runs no
 trio loop and no threads, only fork, signals and wait.
 """
@@ -25,20 +32,26 @@ import contextlib
 import logging
 import os
 import signal
+import socket as stdlib_socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 import trio
 
-from bridge import systemd
+from bridge import metrics, systemd
 from bridge.config import BridgeConfig
 from bridge.listeners import BoundListener
 from bridge.table import Table, open_tables
 
 #: What a worker runs: :func:`bridge.daemon.serve_until_signalled`, passed
 #: in by the daemon (which starts the supervisor) rather than imported.
-ServeForever = Callable[[BridgeConfig, Mapping[str, Table], list[BoundListener]], Awaitable[None]]
+#: Its last argument is the ``[metrics]`` endpoint's sockets (empty without).
+ServeForever = Callable[
+    [BridgeConfig, Mapping[str, Table], list[BoundListener], Sequence[stdlib_socket.socket]],
+    Awaitable[None],
+]
 
 _log = logging.getLogger("bridge.workers")
 
@@ -49,7 +62,19 @@ _RESTART_PAUSE = 1.0
 _FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 
-def _worker(config: BridgeConfig, bound: list[BoundListener], serve: ServeForever) -> int:
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """What every worker shares besides the lookup listeners: the metrics."""
+
+    #: The ``[metrics]`` endpoint's listening sockets (empty without).
+    metrics_listeners: Sequence[stdlib_socket.socket] = ()
+    #: Where every worker records its metrics (None without ``[metrics]``).
+    metrics_dir: str | None = None
+
+
+def _worker(
+    config: BridgeConfig, bound: list[BoundListener], serve: ServeForever, shared: _Shared
+) -> int:
     """The body of one forked worker; returns its exit status."""
     for signum in _FORWARDED:
         signal.signal(signum, signal.SIG_DFL)
@@ -60,20 +85,24 @@ def _worker(config: BridgeConfig, bound: list[BoundListener], serve: ServeForeve
     # called unlink_unix_sockets, SocketFile.remove skips another pid's file
     # (a worker stopping must not unlink the path the others still serve).
     try:
+        if shared.metrics_dir is not None:
+            metrics.use_multiprocess_dir(shared.metrics_dir)
         tables = open_tables(config)
-        trio.run(serve, config, tables, bound)
+        trio.run(serve, config, tables, bound, shared.metrics_listeners)
     except Exception:
         _log.exception("worker %d failed", os.getpid())
         return 1
     return 0
 
 
-def _spawn(config: BridgeConfig, bound: list[BoundListener], serve: ServeForever) -> int:
+def _spawn(
+    config: BridgeConfig, bound: list[BoundListener], serve: ServeForever, shared: _Shared
+) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns here
         status = 1
         try:
-            status = _worker(config, bound, serve)
+            status = _worker(config, bound, serve, shared)
         finally:
             logging.shutdown()
             os._exit(status)
@@ -81,18 +110,28 @@ def _spawn(config: BridgeConfig, bound: list[BoundListener], serve: ServeForever
 
 
 def run_workers(
-    config: BridgeConfig, count: int, bound: list[BoundListener], serve: ServeForever
+    config: BridgeConfig,
+    count: int,
+    bound: list[BoundListener],
+    serve: ServeForever,
+    metrics_listeners: Sequence[stdlib_socket.socket] = (),
 ) -> int:
     """Supervise ``count`` worker processes until SIGTERM/SIGINT.
 
     Args:
       bound: every listener, bound (and privileges dropped) by the caller.
       serve: what each worker runs with its own tables.
+      metrics_listeners: the ``[metrics]`` endpoint's sockets, bound by the
+        caller; closed here at exit.
 
     Returns:
       0 after a clean stop, 1 if a worker could not be kept running.
+
+    Raises:
+      OSError: the metrics directory cannot be created (nothing forked).
     """
     stopping = False
+    metrics_dir: str | None = None
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -111,8 +150,11 @@ def run_workers(
     for signum in _FORWARDED:
         signal.signal(signum, forward)
     try:
+        if config.metrics_endpoint is not None:
+            metrics_dir = metrics.new_multiprocess_dir()
+        shared = _Shared(metrics_listeners, metrics_dir)
         for _ in range(count):
-            workers[_spawn(config, bound, serve)] = time.monotonic()
+            workers[_spawn(config, bound, serve, shared)] = time.monotonic()
         _log.info("supervising %d workers: %s", count, ", ".join(map(str, workers)))
         systemd.notify(systemd.ready_message(f"{count} workers"))
         while workers:
@@ -121,16 +163,22 @@ def run_workers(
             except ChildProcessError:
                 break
             started = workers.pop(pid, None)
+            if metrics_dir is not None and started is not None:
+                metrics.process_exited(metrics_dir, pid)
             if started is None or stopping:
                 continue
             _log.error("worker %d exited (status %d); restarting it", pid, status)
             if time.monotonic() - started < _RESTART_PAUSE:
                 time.sleep(_RESTART_PAUSE)
             if not stopping:
-                workers[_spawn(config, bound, serve)] = time.monotonic()
+                workers[_spawn(config, bound, serve, shared)] = time.monotonic()
     finally:
         # The socket files are the caller's to remove, after this returns;
         # this process bound them, so their SocketFile records say so.
         for item in bound:
             item.listener.close()
+        for sock in metrics_listeners:
+            sock.close()
+        if metrics_dir is not None:
+            metrics.remove_multiprocess_dir(metrics_dir)
     return 0

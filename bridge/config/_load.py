@@ -25,8 +25,8 @@ What is particular to a section is given to that pass as data:
   listener's table must be configured; the metrics endpoint is inet;
   ``health_interval`` is above 0).
 
-The few rules across sections (one endpoint per listener; no
-``[metrics]`` with several workers) are checked at the end.
+The few rules across sections (one endpoint per listener) are checked
+at the end.
 """
 
 from __future__ import annotations
@@ -388,13 +388,6 @@ def load_config(path: str) -> BridgeConfig:
     problems.extend(listener_problems)
     metrics_endpoint, health_interval, metrics_problems = _metrics_section(raw.get("metrics"), toml)
     problems.extend(metrics_problems)
-    workers = values.get("workers")
-    if isinstance(workers, int) and workers > 1 and metrics_endpoint is not None:
-        # Each worker would count only its own lookups, and only one could
-        # bind the port: /metrics would be wrong, not merely partial.
-        report(
-            "metrics", "not supported together with workers > 1 (each worker counts only its own)"
-        )
     if problems:
         raise ConfigError(problems)
     return BridgeConfig(

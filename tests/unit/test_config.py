@@ -962,13 +962,13 @@ def _toml_string(value: str) -> str:
     return f'"{escaped}"'
 
 
-def test_metrics_with_several_workers_is_refused(tmp_path: Path) -> None:
+def test_metrics_with_several_workers_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bridge.toml"
     path.write_text(
         'workers = 2\n[metrics]\nendpoint = "inet:127.0.0.1:9464"\n'
         '[[listen]]\nendpoint = "inet:127.0.0.1:1"\nprotocol = "socketmap"\n'
         '[tables.t]\nmemcache = "inet:127.0.0.1:11211"\n'
     )
-    with pytest.raises(ConfigError) as info:
-        load_config(str(path))
-    assert "metrics: not supported together with workers > 1" in str(info.value)
+    config = load_config(str(path))
+    assert config.workers == 2
+    assert config.metrics_endpoint is not None and config.metrics_endpoint.port == 9464
