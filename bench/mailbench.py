@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import pwd
 import shutil
 import socket
 import statistics
@@ -86,16 +85,12 @@ from tests.integration.harness import (
     free_port,
     run_bridge,
     run_memcached,
-    wait_for_connect,
 )
 from tests.mailflow.harness import (
-    POSTFIX,
-    POSTFIX_TIMEOUT,
     PostfixInstance,
     Received,
     SmtpSink,
-    _master_cf,
-    base_main_cf,
+    run_postfix,
     run_sink,
 )
 
@@ -199,48 +194,6 @@ def _write_cf(path: Path, lines: Mapping[str, str]) -> None:
     age_file(path)  # CF-9: Postfix would wait for a just-written file to settle
 
 
-@contextlib.contextmanager
-def run_bench_postfix(
-    name: str, root: Path, smtpd_port: int, main_cf: Mapping[str, str]
-) -> Iterator[PostfixInstance]:
-    """A private Postfix as :func:`tests.mailflow.harness.run_postfix`, smtpd processes reused.
-
-    The test harness sets ``max_use=1`` on smtpd (so that no lookup is
-    cached between tests); a benchmark wants Postfix as deployed.
-    """
-    instance = PostfixInstance(name, root, smtpd_port)
-    for directory in (root, instance.config_dir, root / "queue", root / "data"):
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o755)
-    postfix_user = pwd.getpwnam("postfix")
-    os.chown(root / "data", postfix_user.pw_uid, postfix_user.pw_gid)
-    settings = {**base_main_cf(name, root), **main_cf}
-    (instance.config_dir / "main.cf").write_text(
-        "".join(f"{key} = {value}\n" for key, value in settings.items())
-    )
-    master_cf = _master_cf(smtpd_port).replace("  -o max_use=1", "")
-    (instance.config_dir / "master.cf").write_text(master_cf)
-    age_file(instance.config_dir / "main.cf")
-    age_file(instance.config_dir / "master.cf")
-    try:
-        started = instance._run([POSTFIX, "start"])
-        pid_file = root / "queue" / "pid" / "master.pid"
-        if pid_file.exists():
-            instance.master_pid = int(pid_file.read_text().split()[0])
-        if started.returncode != 0:
-            raise RuntimeError(
-                f"postfix {name} did not start: {started.stdout}{started.stderr}\n"
-                f"maillog:\n{instance.log()}"
-            )
-        wait_for_connect("127.0.0.1", smtpd_port, timeout=POSTFIX_TIMEOUT)
-        yield instance
-    finally:
-        try:
-            instance.request_stop()
-        finally:
-            instance.wait_stopped()
-
-
 @dataclass
 class Bench:
     """The running servers: one sink, one memcached, one bridge, a Postfix per variant."""
@@ -320,7 +273,7 @@ def bench_setup(root: Path, variants: Sequence[str], recipient_count: int) -> It
             if variant == "proxy":
                 main_cf["proxy_read_maps"] = " ".join(spec(variant, t) for t in entries)
             instances[variant] = stack.enter_context(
-                run_bench_postfix(variant, root / variant, free_port(), main_cf)
+                run_postfix(variant, root / variant, free_port(), main_cf, smtpd_max_use=None)
             )
         yield Bench(sink, memcached, bridge, metrics_port, instances, recipient_count)
 

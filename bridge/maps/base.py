@@ -133,6 +133,28 @@ class OpenOptions:
     proxymap_protocol: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class FileState:
+    """What identifies one version of a table file; any change means "read it again".
+
+    The inode changes when postmap renames a rebuilt file into place, size
+    and mtime when a file is written in place, and ctime also on chmod, so
+    fixing an unreadable file's permissions is noticed too.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, result: os.stat_result) -> FileState:
+        return cls(
+            result.st_dev, result.st_ino, result.st_size, result.st_mtime_ns, result.st_ctime_ns
+        )
+
+
 def file_path(table_type: str, name: str, options: OpenOptions) -> str:
     """Resolve a file-based table's name against ``options.base_dir``.
 

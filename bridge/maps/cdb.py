@@ -82,7 +82,7 @@ from typing import Final, TypeVar
 import cdblib
 import trio
 
-from bridge.maps.base import BackendHealth, MapError, OpenOptions, TableType, file_path
+from bridge.maps.base import BackendHealth, FileState, MapError, OpenOptions, TableType, file_path
 from bridge.outcome import NOT_FOUND, Outcome, Retry, found_value
 
 __all__ = [
@@ -164,31 +164,13 @@ def _candidates(key: bytes, form: _Form) -> list[tuple[bytes, _Form]]:
     return tries
 
 
-@dataclass(frozen=True, slots=True)
-class _FileState:
-    """What identifies one version of the file; any change means "open it again"."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    # ctime also moves on chmod: a file made readable is opened again.
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, result: os.stat_result) -> _FileState:
-        return cls(
-            result.st_dev, result.st_ino, result.st_size, result.st_mtime_ns, result.st_ctime_ns
-        )
-
-
-def _read_header(fd: int) -> tuple[_FileState, bytes]:
+def _read_header(fd: int) -> tuple[FileState, bytes]:
     """The identity and the header of an open file (blocking).
 
     Raises:
       OSError, _Damaged: the file cannot be read or is too short for a cdb file.
     """
-    state = _FileState.of(os.fstat(fd))
+    state = FileState.of(os.fstat(fd))
     if state.size < _HEADER_SIZE:
         raise _Damaged(
             f"not a cdb file: {state.size} bytes, less than the {_HEADER_SIZE}-byte header"
@@ -389,7 +371,7 @@ class _Unchanged:
 class _Failed:
     """The file changed but cannot be used: ``state`` None when stat failed."""
 
-    state: _FileState | None
+    state: FileState | None
     reason: str
 
 
@@ -411,7 +393,7 @@ class _Check:
     opens after that is closed again instead of being left open for good.
     """
 
-    def __init__(self, path: str, last: _FileState | None) -> None:
+    def __init__(self, path: str, last: FileState | None) -> None:
         self._path = path
         self._last = last
         self._lock = threading.Lock()
@@ -421,7 +403,7 @@ class _Check:
     def run(self) -> _Unchanged | _OpenFile | _Failed:
         """In the thread: the newer version of the file, if there is one."""
         try:
-            state = _FileState.of(os.stat(self._path))
+            state = FileState.of(os.stat(self._path))
         except OSError as exc:
             return _Failed(None, f"cannot stat: {_reason(exc)}")
         if state == self._last:
@@ -483,7 +465,7 @@ class CdbMap:
         # The state of the last open attempt, good or bad: the file is
         # opened again only when it differs, so a broken file is reported
         # once, not every second.
-        self._attempted: _FileState | None = self._current.state
+        self._attempted: FileState | None = self._current.state
         self._failure: str | None = None
         self._next_check = -math.inf
         self._checking = False
@@ -579,7 +561,7 @@ class CdbMap:
             except OSError as exc:
                 return False, f"cannot open: {_reason(exc)}"
             try:
-                state = _FileState.of(os.fstat(fd))
+                state = FileState.of(os.fstat(fd))
             finally:
                 os.close(fd)
             if self._failure is not None and state == self._attempted:

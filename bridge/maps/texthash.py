@@ -40,7 +40,7 @@ from typing import Final
 import trio
 
 from bridge.keys import fold_table_key
-from bridge.maps.base import MapError, OpenOptions, TableType, file_path
+from bridge.maps.base import FileState, MapError, OpenOptions, TableType, file_path
 from bridge.outcome import NOT_FOUND, Outcome, found_value
 from bridge.postfix_text import is_utf8, logical_lines, split_source_line
 
@@ -96,27 +96,8 @@ def parse_texthash(
 
 
 @dataclass(frozen=True, slots=True)
-class _FileState:
-    """What identifies one version of a file; any change means "re-read it"."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    # ctime also moves on chmod, so fixing an unreadable file's permissions
-    # triggers a reload even though its contents (and mtime) did not change.
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, result: os.stat_result) -> _FileState:
-        return cls(
-            result.st_dev, result.st_ino, result.st_size, result.st_mtime_ns, result.st_ctime_ns
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class _Snapshot:
-    state: _FileState
+    state: FileState
     entries: dict[bytes, bytes]
 
 
@@ -124,14 +105,14 @@ def _read_snapshot(path: str, *, fold: bool, smtputf8: bool) -> _Snapshot:
     """Read and parse the file (blocking). The state is taken from the open file,
     so an edit that lands after the read is still noticed by the next check."""
     with open(path, "rb") as file:
-        state = _FileState.of(os.fstat(file.fileno()))
+        state = FileState.of(os.fstat(file.fileno()))
         data = file.read()
     return _Snapshot(state, parse_texthash(data, source=path, fold=fold, smtputf8=smtputf8))
 
 
-def _current_state(path: str) -> _FileState | None:
+def _current_state(path: str) -> FileState | None:
     try:
-        return _FileState.of(os.stat(path))
+        return FileState.of(os.stat(path))
     except OSError:
         return None
 
@@ -163,7 +144,7 @@ class TexthashMap:
         # The state of the last load attempt, good or bad: a reload happens
         # only when the file differs from it, so a broken file is reported
         # once, not every second.
-        self._attempted_state: _FileState | None = snapshot.state
+        self._attempted_state: FileState | None = snapshot.state
         self._next_check = -math.inf
         self._reloading = False
 

@@ -330,11 +330,13 @@ def send_mail(
 # Private Postfix instances
 
 
-def _master_cf(smtpd_port: int) -> str:
-    """The system master.cf without chroot, smtpd moved to 127.0.0.1:PORT with max_use=1.
+def _master_cf(smtpd_port: int, smtpd_max_use: int | None = 1) -> str:
+    """The system master.cf without chroot, smtpd moved to 127.0.0.1:PORT.
 
     No chroot: the daemons read table files and reach loopback servers
-    directly, and nothing needs copying into a jail.
+    directly, and nothing needs copying into a jail. ``smtpd_max_use``
+    (default 1: no lookup cached from one test's session to the next)
+    sets smtpd's max_use; None leaves Postfix's own.
     """
     lines: list[str] = []
     for line in Path("/etc/postfix/master.cf").read_text().splitlines():
@@ -344,7 +346,8 @@ def _master_cf(smtpd_port: int) -> str:
             continue
         if fields[0] == "smtp" and fields[1] == "inet":
             fields[0] = f"127.0.0.1:{smtpd_port}"
-            fields.append("-o max_use=1")
+            if smtpd_max_use is not None:
+                fields.append(f"-o max_use={smtpd_max_use}")
         fields[4] = "n"
         lines.append("  ".join(fields))
     return "\n".join(lines) + "\n"
@@ -485,9 +488,17 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def run_postfix(
-    name: str, root: Path, smtpd_port: int, main_cf: Mapping[str, str]
+    name: str,
+    root: Path,
+    smtpd_port: int,
+    main_cf: Mapping[str, str],
+    *,
+    smtpd_max_use: int | None = 1,
 ) -> Iterator[PostfixInstance]:
     """Start a private Postfix under ``root``; always stop it afterwards.
+
+    ``smtpd_max_use``: as :func:`_master_cf` (a benchmark passes None to
+    run Postfix as deployed).
 
     ``main_cf`` is applied over :func:`base_main_cf`. The directories are
     world-readable (Postfix daemons read table files after dropping to
@@ -503,7 +514,7 @@ def run_postfix(
     (instance.config_dir / "main.cf").write_text(
         "".join(f"{key} = {value}\n" for key, value in settings.items())
     )
-    (instance.config_dir / "master.cf").write_text(_master_cf(smtpd_port))
+    (instance.config_dir / "master.cf").write_text(_master_cf(smtpd_port, smtpd_max_use))
     # Postfix waits up to ~2 s for a just-written main.cf to settle.
     age_file(instance.config_dir / "main.cf")
     age_file(instance.config_dir / "master.cf")
