@@ -65,6 +65,7 @@ from bench.compare import (
     bench_servers,
     bench_value,
     print_machine,
+    process_cpu_seconds,
     seed_memcache,
 )
 from bridge.protocol.netstring import NEED_DATA, NetstringDecoder, NetstringError, encode_netstring
@@ -416,18 +417,6 @@ def _read_status(pid: int) -> dict[str, int] | None:
     return fields
 
 
-def cpu_seconds_of_tree(pid: int) -> float:
-    """User plus system CPU seconds used so far by ``pid`` and the processes under it."""
-    ticks_per_second = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for member in _process_tree(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{member}/stat") as stat:
-            # The command name (field 2) may hold spaces; count from after it.
-            after_name = stat.read().rpartition(")")[2].split()
-            total += int(after_name[11]) + int(after_name[12])  # utime, stime
-    return total / ticks_per_second
-
-
 def _own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -475,7 +464,7 @@ async def _measure(target: _Target, args: argparse.Namespace) -> int:
     pids = {"bridge": target.bridge_pid, "memcached": target.memcached_pid}
     if target.bridge_pid is not None:
         print("bridge memory at start:", _format_memory(memory_of_tree(target.bridge_pid)))
-    cpu_before = {name: cpu_seconds_of_tree(pid) for name, pid in pids.items() if pid}
+    cpu_before = {name: process_cpu_seconds(pid) for name, pid in pids.items() if pid}
     own_before = _own_cpu_seconds()
     wall_before = time.perf_counter()
     result = await run_load(
@@ -491,7 +480,7 @@ async def _measure(target: _Target, args: argparse.Namespace) -> int:
     print(report_load(result, args.connections, args.pipeline))
     cpu_used = {"loadgen": _own_cpu_seconds() - own_before}
     cpu_used.update(
-        (name, cpu_seconds_of_tree(pid) - cpu_before[name]) for name, pid in pids.items() if pid
+        (name, process_cpu_seconds(pid) - cpu_before[name]) for name, pid in pids.items() if pid
     )
     print(
         f"cpu over {wall:.1f} s (warm-up included): "

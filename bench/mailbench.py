@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from bench.compare import print_machine, rotated
+from bench.compare import print_machine, process_cpu_seconds, rotated
 from tests.integration.harness import (
     Bridge,
     Memcached,
@@ -163,7 +163,7 @@ def read_counters(server: Memcached, bridge: Bridge, metrics_port: int) -> Count
     return Counters(
         int(stats["get_hits"]) + int(stats["get_misses"]),
         float(stats["rusage_user"]) + float(stats["rusage_system"]),
-        _cpu_seconds(bridge.process.pid),
+        process_cpu_seconds(bridge.process.pid),
         _bridge_requests(metrics_port),
     )
 
@@ -180,12 +180,6 @@ def _bridge_requests(port: int) -> int:
             if line.startswith("postfix_bridge_requests_total{")
         )
     )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from ``/proc/PID/stat``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _write_cf(path: Path, lines: Mapping[str, str]) -> None:
