@@ -39,7 +39,7 @@ class Connection:
         and owned (closed) by this object from now on.
     """
 
-    __slots__ = ("_closed", "sock")
+    __slots__ = ("_closed", "_waited", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -48,6 +48,10 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._closed = False
+        # Whether trio was ever asked to wait on the socket: only then can a
+        # task be waiting on it at close (connections served by
+        # bridge.multiplex usually never are).
+        self._waited = False
 
     @classmethod
     def from_trio_stream(cls, stream: trio.SocketStream) -> Connection:
@@ -76,6 +80,7 @@ class Connection:
                 # Still a cancellation point, without the scheduling round.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 return data
+        self._waited = True
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             try:
@@ -115,6 +120,7 @@ class Connection:
             try:
                 sent = self.sock.send(view)
             except BlockingIOError:
+                self._waited = True
                 with trio.CancelScope() as scope:
                     if stall_limit > 0:
                         scope.deadline = trio.current_time() + stall_limit
@@ -141,7 +147,8 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        trio.lowlevel.notify_closing(self.sock)
+        if self._waited:
+            trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
 
 

@@ -44,34 +44,19 @@ import logging
 import socket as stdlib_socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import trio
 
-from bridge import http, metrics, netio
+from bridge import http, metrics, multiplex, netio
 from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
+from bridge.dialect import DIALECTS, WRITE_TIMEOUT, log_bad_request, reply_for
 from bridge.listeners import BoundListener, close_listener
-from bridge.logs import ReasonLog
-from bridge.outcome import ConfigFailure, Outcome, Retry
-from bridge.protocol import socketmap, tcptable
-from bridge.protocol.events import (
-    NEED_DATA,
-    BadRequest,
-    ConnectionClosed,
-    LookupRequest,
-    NeedData,
-)
+from bridge.multiplex import Multiplexer
+from bridge.outcome import ConfigFailure, Outcome
+from bridge.protocol.events import NEED_DATA, BadRequest, ConnectionClosed, LookupRequest
 from bridge.table import Table, close_tables, open_tables
 
 _log = logging.getLogger("bridge.server")
-
-#: Every TEMP/TIMEOUT/PERM answer's reason, once per distinct cause per minute.
-_reasons = ReasonLog(_log)
-
-#: How long a reply may take to leave. Postfix waits 100 s per read
-#: (SM-12, TCP-9); a client that does not read for that long is gone.
-WRITE_TIMEOUT = 100.0
 
 #: How long shutdown waits for requests already received to be answered.
 #: A lookup is bounded by timeout * max_try + retry_pause * (max_try - 1)
@@ -124,6 +109,11 @@ class BridgeServer:
         self._next_refusal_log: dict[object, float] = {}
         # Tables replaced by a reload, closed after RELOAD_GRACE or at exit.
         self._retired: list[Mapping[str, Table]] = []
+        # Serves the connections of "events" listeners (None: every
+        # listener serves a task per connection).
+        self._multiplexer: Multiplexer | None = None
+        if multiplex.AVAILABLE and any(item.config.serving == "events" for item in bound):
+            self._multiplexer = Multiplexer(self)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -148,6 +138,8 @@ class BridgeServer:
                     http.probe_forever, lambda: self.tables, self.config.health_interval
                 )
             async with trio.open_nursery() as connections:
+                if self._multiplexer is not None:
+                    connections.start_soon(self._multiplexer.run, connections)
                 with trio.CancelScope() as accept_scope:
                     self._accept_scope = accept_scope
                     if self._shutting_down:
@@ -175,6 +167,8 @@ class BridgeServer:
             self._accept_scope.cancel()
         for scope in list(self._waiting):
             scope.cancel()
+        if self._multiplexer is not None:
+            self._multiplexer.stop()
 
     async def reload(self) -> bool:
         """Re-read the configuration file and swap in the new tables.
@@ -229,7 +223,10 @@ class BridgeServer:
                 slots.release()
                 connection.close()
                 continue
-            connections.start_soon(self._connection, connection, item.config, slots.release)
+            if self._multiplexer is not None and item.config.serving == "events":
+                self._multiplexer.add(connection, item.config, slots.release)
+            else:
+                connections.start_soon(self._connection, connection, item.config, slots.release)
 
     def _allowed(self, connection: netio.Connection, config: ListenerConfig) -> bool:
         """Whether the peer is in the listener's ``allow`` networks."""
@@ -307,43 +304,6 @@ class BridgeServer:
 _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-class _ServerCodec(Protocol):
-    """What both sans-I/O server codecs offer."""
-
-    @property
-    def request_in_progress(self) -> bool: ...
-
-    def receive_data(self, data: bytes) -> None: ...
-
-    def next_event(self) -> LookupRequest | BadRequest | ConnectionClosed | NeedData: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Dialect:
-    """What differs between a socketmap and a tcp_table connection."""
-
-    name: str
-    new_codec: Callable[[], _ServerCodec]
-    encode_reply: Callable[[Outcome], bytes]
-    encode_bad_request: Callable[[BadRequest], bytes]
-
-
-_DIALECTS = {
-    "socketmap": _Dialect(
-        "socketmap",
-        socketmap.SocketmapServerProtocol,
-        socketmap.encode_reply,
-        socketmap.encode_bad_request,
-    ),
-    "tcp": _Dialect(
-        "tcp_table",
-        tcptable.TcpTableServerProtocol,
-        tcptable.encode_reply,
-        tcptable.encode_bad_request,
-    ),
-}
-
-
 class _Connection:
     """One client connection: its codec, its deadlines, its requests answered in order.
 
@@ -361,7 +321,7 @@ class _Connection:
         self._server = server
         self._connection = connection
         self._config = config
-        self._dialect = _DIALECTS[config.protocol]
+        self._dialect = DIALECTS[config.protocol]
         self._codec = self._dialect.new_codec()
         self._request_deadline: float | None = None
 
@@ -377,12 +337,7 @@ class _Connection:
             elif isinstance(event, ConnectionClosed):
                 return
             elif isinstance(event, BadRequest):
-                _log.warning(
-                    "%s request from %s: %s",
-                    self._dialect.name,
-                    self._connection.peer(),
-                    event.reason,
-                )
+                log_bad_request(self._dialect, self._connection.peer(), event)
                 await self._send(self._dialect.encode_bad_request(event))
                 if event.fatal:
                     return
@@ -409,14 +364,7 @@ class _Connection:
         assert name is not None
         started = time.perf_counter()
         outcome = await self._server.lookup(name, request.key)
-        metrics.current.request(name, self._dialect.name, outcome, time.perf_counter() - started)
-        if isinstance(outcome, Retry | ConfigFailure):
-            if isinstance(outcome, ConfigFailure):
-                answer = "PERM"
-            else:
-                answer = "TIMEOUT" if outcome.timeout else "TEMP"
-            _reasons.warning(f"table {name}: {answer}: {outcome.reason}")
-        await self._send(self._dialect.encode_reply(outcome))
+        await self._send(reply_for(self._dialect, name, outcome, time.perf_counter() - started))
 
     async def _send(self, data: bytes) -> None:
         await self._connection.send_all(data, stall_limit=WRITE_TIMEOUT)

@@ -260,6 +260,15 @@ class Table:
             hot.put(key, outcome)
         return outcome
 
+    def cached(self, key: bytes) -> Found | NotFound | None:
+        """The hot cache's answer for ``key`` without waiting; None: ask :meth:`lookup`.
+
+        The event-driven server answers these in the same pass as it read
+        them, without starting a task: what :meth:`lookup` would return.
+        """
+        hot = self._hot_cache
+        return None if hot is None else hot.get(key)
+
     async def _lookup(self, key: bytes) -> Outcome:
         normalized = self.normalize_key(key)
         if isinstance(normalized, Skipped):

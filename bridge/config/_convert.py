@@ -61,6 +61,7 @@ _LIST_SEPARATORS = re.compile(r"[,\s]+")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _LOG_FORMATS = ("text", "json")
 _PROTOCOLS = ("socketmap", "tcp")
+_SERVING = ("events", "tasks")
 _KETAMA_HASHES = ("one_at_a_time", "md5")
 _PROXYMAP_PROTOCOLS = ("auto", "2.9", "3.11")
 
@@ -445,6 +446,7 @@ CONVERTERS: Mapping[str, Callable[[Setting, Parameter], object]] = {
     "servers": lambda setting, param: _servers(setting),
     "ketama_hash": lambda setting, param: _ketama_hash(setting.value),
     "protocol": lambda setting, param: _choice(setting.value, _PROTOCOLS),
+    "serving": lambda setting, param: _choice(setting.value, _SERVING),
     "name": lambda setting, param: text(setting.value),
     "log_level": lambda setting, param: _log_level(setting.value),
     "log_format": lambda setting, param: _choice(setting.value, _LOG_FORMATS),

@@ -211,6 +211,7 @@ def _load_listener(
         request_timeout=take(values, "request_timeout", float),
         allow=take(values, "allow", tuple),
         reuse_port=take(values, "reuse_port", bool),
+        serving="tasks" if values["serving"] == "tasks" else "events",
         mode=take(values, "mode", int),
         owner=take_optional(values, "owner", int),
         group=take_optional(values, "group", int),

@@ -131,6 +131,8 @@ class ListenerConfig:
     request_timeout: float
     allow: tuple[IPv4Network | IPv6Network, ...]
     reuse_port: bool
+    #: "events" (one task per server multiplexes connections) or "tasks".
+    serving: Literal["events", "tasks"]
     mode: int
     owner: int | None
     group: int | None

@@ -58,6 +58,7 @@ ParameterKind = Literal[
     "user",  # user name or uid
     "group",  # group name or gid
     "servers",  # one memcache endpoint or a pool of them
+    "serving",  # events | tasks
     "ketama_hash",  # one_at_a_time | md5
     "log_format",  # text | json
     "directory",  # a directory name, relative to the file that names it
@@ -405,6 +406,15 @@ LISTENER_PARAMETERS: tuple[Parameter, ...] = (
         "networks",
         'inet only: client networks allowed to connect, e.g. ["127.0.0.0/8", "::1/128"]; '
         "empty = any. Others are closed at accept.",
+    ),
+    Parameter(
+        "serving",
+        "events",
+        None,
+        "serving",
+        "How connections are served: events (one task reads every ready connection per "
+        "wake-up and answers hot-cache hits at once; Linux epoll) or tasks (one trio task "
+        "per connection, the portable way). Both answer the same.",
     ),
     Parameter(
         "reuse_port",

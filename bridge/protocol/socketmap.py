@@ -144,6 +144,10 @@ class SocketmapServerProtocol:
         try:
             payload = self._decoder.next_payload()
         except NetstringError as exc:
+            # The decoder keeps the error to raise it again; its traceback
+            # would keep this call's frames (and a cycle back to the decoder)
+            # alive after the connection is gone.
+            exc.__traceback__ = None
             if self._eof_received:
                 # Whatever is wrong with the tail, the client has gone: there
                 # is no one to send a PERM reply to.

@@ -154,9 +154,31 @@ class Bridge:
     _reader: threading.Thread = field(init=False)
 
 
+#: Set to "tasks" (or "events") to serve every listener of every test
+#: that way: tests/run.sh runs the server-facing tests once more with
+#: "tasks", so both ways of serving pass the same tests.
+SERVING_OVERRIDE = os.environ.get("BRIDGE_TEST_SERVING", "")
+
+
+def _force_serving(config_path: Path, serving: str) -> None:
+    """Write ``serving = ...`` into each ``[[listen]]`` section that does not set it."""
+    lines = config_path.read_text().splitlines()
+    out: list[str] = []
+    for line in lines:
+        out.append(line)
+        if line.strip() == "[[listen]]":
+            out.append(f'serving = "{serving}"')
+    text = "\n".join(out) + "\n"
+    # A test that sets the key itself keeps its own choice.
+    if not re.search(r"^serving\s*=", config_path.read_text(), re.MULTILINE):
+        config_path.write_text(text)
+
+
 @contextlib.contextmanager
 def run_bridge(config_path: Path, *extra: str) -> Iterator[Bridge]:
     """Start the bridge daemon and wait until it says every listener is bound."""
+    if SERVING_OVERRIDE:
+        _force_serving(config_path, SERVING_OVERRIDE)
     process = subprocess.Popen(
         [sys.executable, "-m", "bridge", "serve", "--config", str(config_path), *extra],
         stdout=subprocess.DEVNULL,

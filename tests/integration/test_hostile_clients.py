@@ -54,9 +54,9 @@ from typing import Final
 
 import pytest
 
+from bridge.dialect import WRITE_TIMEOUT
 from bridge.protocol.socketmap import MAX_REQUEST_PAYLOAD
 from bridge.protocol.tcptable import MAX_REQUEST_LINE, quote
-from bridge.server import WRITE_TIMEOUT
 from tests.integration.harness import Bridge, Memcached, free_port, run_bridge, run_memcached
 from tests.integration.test_server import RawClient, ServerClosed
 from tests.reliability import ReliabilityReport, long_mode

@@ -91,6 +91,7 @@ def listener(
         request_timeout=10.0,
         allow=(),
         reuse_port=True,
+        serving="events",
         mode=0o666,
         owner=None,
         group=None,
