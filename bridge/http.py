@@ -119,6 +119,7 @@ async def probe_forever(tables: Callable[[], Mapping[str, Table]], interval: flo
         for name, table in current.items():
             results[name] = await table.probe()
         health.tables = results
+        metrics.current.health_probed()
         for name, table_health in results.items():
             if not table_health.ok:
                 _log.warning("health: table %s: %s", name, table_health.detail)

@@ -56,8 +56,15 @@ Metric names (all prefixed ``postfix_bridge_``):
   from the backup), ``backup_shared_total{table}`` (lookups answered by
   another lookup's query of the same key: queries saved by single
   flight), ``backup_refills_total{table}``;
+* ``cache_hits_total{table,cache}``: lookups answered from the hot cache
+  (``cache="hot"``, one per lookup) and memcache gets that found the key
+  (``cache="memcache"``, one per key asked: an address search may ask
+  several);
 * ``open_connections{listener}``;
-* ``config_reloads_total{result}`` (ok, failed).
+* ``config_reloads_total{result}`` (ok, failed);
+* ``healthy``: 1 when the last health probe found every table healthy
+  and the configuration loaded (what ``/healthz`` answers 200 for), else
+  0; with workers the lowest over the live workers.
 """
 
 from __future__ import annotations
@@ -212,6 +219,19 @@ class Metrics:
             ["table"],
             registry=self.registry,
         )
+        self._cache_hits = Counter(
+            prefix + "cache_hits_total",
+            "Answers found in a cache: the hot cache (per lookup) or memcache (per get).",
+            ["table", "cache"],
+            registry=self.registry,
+        )
+        self._healthy = Gauge(
+            prefix + "healthy",
+            "1 when the last health probe passed (as /healthz), else 0.",
+            registry=self.registry,
+            # With workers: unhealthy when any live worker is.
+            multiprocess_mode="livemin",
+        )
         self._connections = Gauge(
             prefix + "open_connections",
             "Client connections open now, by listener.",
@@ -269,6 +289,14 @@ class Metrics:
     def backup_refill(self, table: str) -> None:
         self._inc(self._refills, table)
 
+    def cache_hit(self, table: str, cache: str) -> None:
+        counter = self._child(self._cache_hits, table, cache)
+        counter.inc()
+
+    def health_probed(self) -> None:
+        """Export the health state just updated by a probe."""
+        self._healthy.set(1 if self.health.healthy else 0)
+
     def connection_opened(self, listener: str) -> None:
         gauge = self._child(self._connections, listener)
         gauge.inc()
@@ -314,6 +342,12 @@ class _DisabledMetrics(Metrics):
         pass
 
     def backup_refill(self, table: str) -> None:
+        pass
+
+    def cache_hit(self, table: str, cache: str) -> None:
+        pass
+
+    def health_probed(self) -> None:
         pass
 
     def connection_opened(self, listener: str) -> None:

@@ -254,6 +254,7 @@ class Table:
         if hot is not None:
             cached = hot.get(key)
             if cached is not None:
+                metrics.current.cache_hit(self.name, "hot")
                 return cached
         outcome = await self._lookup(key)
         if hot is not None and isinstance(outcome, Found | NotFound):
@@ -306,7 +307,10 @@ class Table:
         backup = self._backup
         if backup is None:
             cached = await self._memcache.get(mc_key)
-            return self._found(cached.value) if isinstance(cached, Found) else cached
+            if isinstance(cached, Found):
+                metrics.current.cache_hit(self.name, "memcache")
+                return self._found(cached.value)
+            return cached
         # Registered before asking memcache: a backup answer that arrives
         # while this get is under way may be shared with this lookup.
         flight = self._flights.get(key)
@@ -317,6 +321,7 @@ class Table:
         try:
             cached = await self._memcache.get(mc_key)
             if isinstance(cached, Found):
+                metrics.current.cache_hit(self.name, "memcache")
                 return self._found(cached.value)
             if isinstance(cached, Retry):
                 _log.info("table %s: %s; answering from backup", self.name, cached.reason)

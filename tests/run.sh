@@ -24,6 +24,22 @@ if ! docker info >/dev/null 2>&1; then
     ensure_packages buildah:buildah podman:podman runc:runc debootstrap:debootstrap
 fi
 ensure_venv test
+# promtool checks examples/prometheus/alerts.yml (tests/integration/test_dashboards.py).
+# Debian ships it only inside the prometheus package, whose install starts a
+# Prometheus server (invoke-rc.d or systemd): take the one static binary from
+# the package instead, into the venv.
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$VENV/bin/promtool" ]; then
+    echo "setup: extracting promtool from Debian's prometheus package" >&2
+    [ -n "$_apt_updated" ] || { apt-get update -qq; _apt_updated=1; }
+    promtool_dir=$(mktemp -d)
+    chown _apt "$promtool_dir" 2>/dev/null || true
+    (cd "$promtool_dir" && apt-get download -qq prometheus >/dev/null)
+    dpkg-deb --fsys-tarfile "$promtool_dir"/prometheus_*.deb \
+        | tar -x -O ./usr/bin/promtool >"$VENV/bin/promtool.part"
+    chmod 755 "$VENV/bin/promtool.part"
+    mv "$VENV/bin/promtool.part" "$VENV/bin/promtool"
+    rm -rf "$promtool_dir"
+fi
 
 echo "== ruff"
 "$VENV/bin/ruff" check .

@@ -167,3 +167,48 @@ def test_health_command_without_metrics_probes_a_listener(
     result = _health_cli(config)
     assert result.returncode == 1
     assert "TEMP" in result.stdout
+
+
+def test_cache_hits_and_the_health_gauge(
+    memcached: Memcached, tmp_path: Path, ports: NextPort, start_bridge: StartBridge
+) -> None:
+    sm, tcp, metrics_port = ports(), ports(), ports()
+    backup = tmp_path / "backup"
+    backup.write_text("b1 from-backup\n")
+    extra = f'backup = "texthash:{backup}"\nhot_cache_ttl = 600\n'
+    config = _config(
+        tmp_path / "bridge.toml",
+        memcached.endpoint,
+        sm=sm,
+        tcp=tcp,
+        metrics=metrics_port,
+        extra=extra,
+    )
+    start_bridge(config)
+    memcached.set(b"k0", b"v")
+    # Each key twice: memcache, backup (found) and backup (not found) the
+    # first time, the hot cache the second.
+    keys = ["k0", "k0", "b1", "b1", "x1", "x1"]
+    table = f"socketmap:inet:127.0.0.1:{sm}:aliases"
+    assert postmap_query_many(keys, table).returncode == 0
+    _, after = _get(metrics_port, "/metrics")
+    hits = "postfix_bridge_cache_hits_total"
+    assert _sample(after, hits, table="aliases", cache="memcache") == 1
+    assert _sample(after, hits, table="aliases", cache="hot") == 3
+    assert _sample(after, "postfix_bridge_backup_lookups_total", table="aliases") == 2
+
+    def wait_for_healthy(wanted: float) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            _, body = _get(metrics_port, "/metrics")
+            match = re.search(rb"^postfix_bridge_healthy (\S+)$", body, re.MULTILINE)
+            if match and float(match[1]) == wanted:
+                return
+            assert time.monotonic() < deadline, body
+            time.sleep(0.1)
+
+    wait_for_healthy(1)
+    memcached.process.kill()
+    memcached.process.wait()
+    wait_for_healthy(0)
+    _wait_for_status(metrics_port, 503)

@@ -158,6 +158,11 @@ def test_metrics_are_summed_over_the_workers(
             assert _sample_sum(body, "postfix_bridge_request_seconds_count") == made
         status, health = _get(metrics_port, "/healthz")
         assert status == 200 and json.loads(health)["status"] == "ok"
+        # The health gauge: the lowest over the live workers (each probes).
+        _wait_for(
+            lambda: _sample_sum(_get(metrics_port, "/metrics")[1], "postfix_bridge_healthy") == 1,
+            "healthy gauge",
+        )
 
         # A worker killed and replaced: its lookups stay counted, its live
         # gauge (open connections) goes.
