@@ -47,9 +47,24 @@ from bridge.table import NoSequence, Table, close_tables, open_tables
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2  # argparse's own
 EXIT_OSERR = 71
 EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
+
+#: Every exit status with its meaning, as postfix-bridge(8) lists them.
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success; query: found; health: healthy"),
+    (
+        EXIT_NOT_FOUND,
+        "not found (query, delete); refused (read-only table); load: bad input lines; "
+        "health: not healthy",
+    ),
+    (EXIT_USAGE, "usage error: unknown command or option, missing argument"),
+    (EXIT_OSERR, "serve: a listener cannot be bound (address in use, permissions)"),
+    (EXIT_TEMPFAIL, "temporary failure: memcache or backup trouble"),
+    (EXIT_CONFIG, "configuration error: the message names the file, the table and the key"),
+)
 
 #: Where the Docker image and the systemd unit put the configuration.
 DEFAULT_CONFIG = "/etc/postfix-bridge/bridge.toml"
