@@ -30,8 +30,10 @@ When the socket is absent or refuses (no syslog daemon, a container
 without /dev/log), a line is written to stderr instead, after one
 warning saying so; every line tries the socket again (a connect on a
 local socket costs microseconds), so lines go back to syslog as soon
-as the daemon is back, e.g. after a restart of rsyslog. Forked workers
-inherit the handler and log with their own pid.
+as the daemon is back, e.g. after a restart of rsyslog. A syslog daemon
+that does not keep up (its socket's queue full) gets the same treatment
+instead of stalling the event loop: the socket never blocks. Forked
+workers inherit the handler and log with their own pid.
 
 Rate limiting
 -------------
@@ -167,6 +169,9 @@ class SyslogHandler(logging.Handler):
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Never wait for a syslog daemon that does not keep up: the line
+        # goes to stderr instead of stalling every lookup of this process.
+        sock.setblocking(False)
         try:
             sock.connect(self._address)
         except OSError:

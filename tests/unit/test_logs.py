@@ -201,3 +201,18 @@ def test_lines_go_back_to_syslog_when_it_restarts(tmp_path: Path) -> None:
     ]
     # A second outage is told again.
     assert "logging to stderr until it answers" in stream.getvalue().splitlines()[3]
+
+
+def test_a_syslog_daemon_that_does_not_keep_up_never_blocks(
+    receiver: tuple[socket.socket, str],
+) -> None:
+    _, path = receiver  # bound, but nobody reads: its queue fills up
+    stream = io.StringIO()
+    setup_logging("info", log_format="text", stream=stream, syslog=SyslogTarget("mail", path))
+    started = time.monotonic()
+    for number in range(5000):
+        logging.getLogger("bridge.test").warning("line %d", number)
+    assert time.monotonic() - started < 10
+    lines = stream.getvalue().splitlines()
+    assert "Resource temporarily unavailable; logging to stderr until it answers" in lines[0]
+    assert lines[-1].endswith("warning: line 4999")
