@@ -9,8 +9,11 @@
 # are the deployment's). Its listeners must bind 0.0.0.0 (or a unix socket
 # in a shared volume, e.g. /run/postfix-bridge) to be reachable from
 # outside the container. Logs go to stderr, which Docker captures exactly
-# like stdout (`docker logs`). examples/docker-compose.yml shows a whole
-# deployment next to Postfix and memcached.
+# like stdout (`docker logs`), or with log_target = "syslog" to the host's
+# /dev/log when it is mounted. examples/docker-compose.yml shows a whole
+# deployment next to Postfix and memcached. The manual pages are in
+# /usr/share/man (the slim base has no man-db: read docs/man/ on the host
+# with `man -l`, or install man-db in a derived image).
 FROM python:3.12-slim
 
 # No .pyc files written at run time (site-packages is read-only for the
@@ -54,6 +57,13 @@ RUN pip install --no-cache-dir --no-deps . \
 # A directory the daemon's user owns (lmdb backups may live here); the
 # daemon itself resolves relative paths against bridge.toml's directory.
 WORKDIR /var/lib/postfix-bridge
+
+# postfix-bridge(8) and postfix-bridge.toml(5), generated from the code
+# (the slim image has no man-db to read them: the files only, a few KB).
+# After the WORKDIR above: a step run in the removed source directory
+# would create it again.
+COPY docs/man/postfix-bridge.8 /usr/share/man/man8/
+COPY docs/man/postfix-bridge.toml.5 /usr/share/man/man5/
 USER 10025:10025
 
 # 10027: socketmap listener, 10028: tcp_table listener (examples/bridge.toml).

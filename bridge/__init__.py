@@ -15,7 +15,8 @@ Process and connections
   ``server``         accept loops, reload, and the per-connection loop
   ``netio``          non-blocking sockets driven by trio's low-level waits
   ``http``           the ``[metrics]`` listener (/metrics, /healthz)
-  ``metrics``, ``logs``, ``systemd``: observability and service manager
+  ``metrics``, ``logs``, ``systemd``: observability (``logs``: stderr or
+                     syslog lines) and service manager
 
 Wire formats, sans-I/O (bytes in, events and bytes out)
   ``protocol.events``     the vocabulary every codec shares
@@ -42,6 +43,8 @@ Configuration
   ``postfix_text``   Postfix's logical-line reader
   ``endpoint``       ``inet:``/``unix:`` endpoint syntax
   ``reference``      the configuration reference rendered from the schema
+  ``manpages``       postfix-bridge(8) and postfix-bridge.toml(5), rendered
+                     from the schema and the argument parser
   ``loader``         ``postfix-bridge load``: bulk load from a source file
 
 Adding a table type is one module under ``maps/`` plus one entry in

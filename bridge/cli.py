@@ -27,7 +27,7 @@ from bridge.config import BridgeConfig, ConfigError, TableConfig, load_config
 from bridge.endpoint import InetEndpoint
 from bridge.keys import DomainLiteral
 from bridge.loader import DEFAULT_BATCH_SIZE, ProgressBar, load_entries
-from bridge.logs import setup_logging
+from bridge.logs import LOG_TARGETS, SyslogTarget, setup_logging
 from bridge.maps.base import MapError
 from bridge.outcome import (
     ConfigFailure,
@@ -47,9 +47,24 @@ from bridge.table import NoSequence, Table, close_tables, open_tables
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2  # argparse's own
 EXIT_OSERR = 71
 EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
+
+#: Every exit status with its meaning, as postfix-bridge(8) lists them.
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success; query: found; health: healthy"),
+    (
+        EXIT_NOT_FOUND,
+        "not found (query, delete); refused (read-only table); load: bad input lines; "
+        "health: not healthy",
+    ),
+    (EXIT_USAGE, "usage error: unknown command or option, missing argument"),
+    (EXIT_OSERR, "serve: a listener cannot be bound (address in use, permissions)"),
+    (EXIT_TEMPFAIL, "temporary failure: memcache or backup trouble"),
+    (EXIT_CONFIG, "configuration error: the message names the file, the table and the key"),
+)
 
 #: Where the Docker image and the systemd unit put the configuration.
 DEFAULT_CONFIG = "/etc/postfix-bridge/bridge.toml"
@@ -63,9 +78,15 @@ _COMMAND_LOG_LEVEL = "warning"
 def _setup_logging(
     args: argparse.Namespace, config: BridgeConfig, *, level: str | None = None
 ) -> None:
+    target = args.log_target or (config.log_target if args.command == "serve" else "stderr")
     setup_logging(
         args.log_level or level or config.log_level,
         log_format=args.log_format or config.log_format,
+        syslog=(
+            SyslogTarget(config.syslog_facility, config.syslog_socket)
+            if target == "syslog"
+            else None
+        ),
     )
 
 
@@ -409,9 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["text", "json"],
             help="override the configuration's log_format (json: one object per line)",
         )
+        sub.add_argument(
+            "--log-target",
+            choices=LOG_TARGETS,
+            help="override the configuration's log_target (serve; the other commands: stderr)",
+        )
         return sub
 
-    serve = command("serve", "run the daemon in the foreground, logging to stderr")
+    serve = command(
+        "serve", "run the daemon in the foreground, logging to stderr (or syslog: log_target)"
+    )
     serve.set_defaults(handler=_cmd_serve)
     check = command("check", "validate the configuration and list listeners and tables")
     check.set_defaults(handler=_cmd_check)

@@ -51,6 +51,21 @@ from bridge.workers import run_workers
 
 _log = logging.getLogger("bridge.daemon")
 
+#: The signals serve handles and what each does, as postfix-bridge(8) lists them.
+SIGNALS: tuple[tuple[signal.Signals, str], ...] = (
+    (
+        signal.SIGHUP,
+        "Re-read the configuration. A valid one replaces the running tables between two "
+        "requests without dropping a connection; an invalid one is logged and the old one "
+        "kept. Listener changes need a restart. With workers, each worker reloads.",
+    ),
+    (
+        signal.SIGTERM,
+        "Stop accepting connections, answer every request already received, and exit 0.",
+    ),
+    (signal.SIGINT, "As SIGTERM."),
+)
+
 
 def run(config: BridgeConfig, tables: Mapping[str, Table]) -> int:
     """Serve ``config`` with its opened ``tables`` until SIGTERM/SIGINT.
@@ -151,7 +166,7 @@ async def serve_until_signalled(
         workers' supervisor; empty in a single process (the server binds it).
     """
     server = BridgeServer(config, tables, bound=bound, metrics_listeners=metrics_listeners)
-    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*(signum for signum, _ in SIGNALS)) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.serve)
             _log.info("ready: listening on %s", ", ".join(addresses))

@@ -4,6 +4,7 @@ README.md carries the rendered text between two marker lines; a test
 fails when the two drift apart. After changing a parameter, refresh it:
 
     python -m bridge.reference --write README.md --page docs/configuration.md
+    python -m bridge.manpages --write docs/man   (the man pages, same sections)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from bridge.config import (
     LISTENER_PARAMETERS,
@@ -57,37 +59,51 @@ def _table(parameters: Iterable[Parameter]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One part of the reference: a section of the TOML file, or half of one.
+
+    ``title`` names it in a heading (the man page's), with ``note`` below
+    it if it says more; ``intro`` is the Markdown line above its table in
+    README.md.
+    """
+
+    title: str
+    intro: str
+    parameters: tuple[Parameter, ...]
+    note: str = ""
+
+
+#: The reference's parts in order; README.md, docs/configuration.md and the
+#: postfix-bridge.toml(5) man page (bridge.manpages) all follow it.
+SECTIONS: tuple[Section, ...] = (
+    Section("Top level", "Top level:", TOP_LEVEL_PARAMETERS),
+    Section("[[listen]] sections", "Each `[[listen]]` section:", LISTENER_PARAMETERS),
+    Section("[metrics] section", "The optional `[metrics]` section:", METRICS_PARAMETERS),
+    Section(
+        "[tables.NAME] sections: memcache_table(5) parameters",
+        "Each `[tables.NAME]` section, memcache_table(5) parameters (same names,\n"
+        "defaults and minimums as Postfix; also accepted in a `.cf` file read\n"
+        "through `config =`):",
+        tuple(p for p in PARAMETERS if p.postfix),
+        "Same names, defaults and minimums as Postfix; also accepted in a .cf file read "
+        "through config.",
+    ),
+    Section(
+        "[tables.NAME] sections: bridge parameters",
+        "Each `[tables.NAME]` section, bridge parameters (TOML only):",
+        tuple(p for p in PARAMETERS if not p.postfix),
+        "Accepted in the TOML file only.",
+    ),
+)
+
+
 def render_reference() -> str:
     """The Markdown reference for every configuration key."""
-    postfix = [p for p in PARAMETERS if p.postfix]
-    bridge_only = [p for p in PARAMETERS if not p.postfix]
-    lines = [
-        BEGIN_MARKER,
-        "",
-        "Top level:",
-        "",
-        *_table(TOP_LEVEL_PARAMETERS),
-        "",
-        "Each `[[listen]]` section:",
-        "",
-        *_table(LISTENER_PARAMETERS),
-        "",
-        "The optional `[metrics]` section:",
-        "",
-        *_table(METRICS_PARAMETERS),
-        "",
-        "Each `[tables.NAME]` section, memcache_table(5) parameters (same names,",
-        "defaults and minimums as Postfix; also accepted in a `.cf` file read",
-        "through `config =`):",
-        "",
-        *_table(postfix),
-        "",
-        "Each `[tables.NAME]` section, bridge parameters (TOML only):",
-        "",
-        *_table(bridge_only),
-        "",
-        END_MARKER,
-    ]
+    lines = [BEGIN_MARKER, ""]
+    for section in SECTIONS:
+        lines += [section.intro, "", *_table(section.parameters), ""]
+    lines.append(END_MARKER)
     return "\n".join(lines)
 
 

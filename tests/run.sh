@@ -7,6 +7,8 @@ source "$(dirname "$0")/../.ci/setup.sh"
 cd "$ROOT"
 
 ensure_packages memcached:memcached postmap:postfix
+# The man page tests render docs/man/ with every groff warning on, and through man -l.
+ensure_packages groff:groff-base man:man-db
 # postfix-lmdb ships no command of its own: check for its dictionary plugin.
 if ! postconf -m 2>/dev/null | grep -qx lmdb; then _apt_install postfix-lmdb; fi
 # Postfix's own SQL and cdb clients are the differential tests' reference;

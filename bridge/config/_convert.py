@@ -45,6 +45,7 @@ from bridge.address_search import (
 from bridge.config._schema import Parameter
 from bridge.endpoint import Endpoint, EndpointError, parse_endpoint
 from bridge.keys import DomainFilter, KeyConfigError, KeyTemplate, make_digest
+from bridge.logs import LOG_TARGETS, SYSLOG_FACILITIES
 from bridge.maps import OpenOptions, validate_spec
 from bridge.maps.base import MapError
 from bridge.memcache.ring import PoolServer
@@ -235,6 +236,17 @@ def _ketama_hash(value: object) -> str:
     return spelled
 
 
+def _syslog_facility(value: object) -> str:
+    """A facility name as syslog.h spells it (Postfix's syslog_facility takes the same)."""
+    if isinstance(value, str) and value.strip().lower() in SYSLOG_FACILITIES:
+        return value.strip().lower()
+    close = difflib.get_close_matches(str(value).lower(), list(SYSLOG_FACILITIES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise Invalid(
+        f"must be a syslog facility ({', '.join(SYSLOG_FACILITIES)}), not {value!r}{hint}"
+    )
+
+
 def _log_level(value: object) -> str:
     if isinstance(value, str) and value.lower() in _LOG_LEVELS:
         return value.lower()
@@ -387,6 +399,16 @@ def _directory(setting: Setting) -> str:
 # ---------------------------------------------------- sockets and identity
 
 
+def _socket_file(setting: Setting) -> str:
+    """A unix socket file name; a relative one resolves against the setting's file."""
+    spelled = text(setting.value).strip()
+    if not spelled:
+        raise Invalid("empty value: a socket file name is required")
+    if "\0" in spelled:
+        raise Invalid("a socket file name cannot hold NUL")
+    return os.path.normpath(os.path.join(setting.base_dir, spelled))
+
+
 def _networks(value: object) -> tuple[IPv4Network | IPv6Network, ...]:
     networks = []
     for item in string_list(value):
@@ -450,6 +472,9 @@ CONVERTERS: Mapping[str, Callable[[Setting, Parameter], object]] = {
     "name": lambda setting, param: text(setting.value),
     "log_level": lambda setting, param: _log_level(setting.value),
     "log_format": lambda setting, param: _choice(setting.value, _LOG_FORMATS),
+    "log_target": lambda setting, param: _choice(setting.value, LOG_TARGETS),
+    "syslog_facility": lambda setting, param: _syslog_facility(setting.value),
+    "socket_file": lambda setting, param: _socket_file(setting),
     "directory": lambda setting, param: _directory(setting),
     "proxymap_protocol": lambda setting, param: _choice(setting.value, _PROXYMAP_PROTOCOLS),
     "networks": lambda setting, param: _networks(setting.value),

@@ -402,4 +402,7 @@ def load_config(path: str) -> BridgeConfig:
         group=take_optional(values, "group", int),
         workers=take(values, "workers", int),
         log_format=take(values, "log_format", str),
+        log_target=take(values, "log_target", str),
+        syslog_facility=take(values, "syslog_facility", str),
+        syslog_socket=take(values, "syslog_socket", str),
     )

@@ -154,3 +154,7 @@ class BridgeConfig:
     group: int | None
     workers: int
     log_format: str
+    #: "stderr" or "syslog"; the facility name and socket file for syslog.
+    log_target: str
+    syslog_facility: str
+    syslog_socket: str

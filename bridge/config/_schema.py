@@ -63,6 +63,9 @@ ParameterKind = Literal[
     "log_format",  # text | json
     "directory",  # a directory name, relative to the file that names it
     "proxymap_protocol",  # auto | 2.9 | 3.11
+    "log_target",  # stderr | syslog
+    "syslog_facility",  # a syslog facility name (mail, daemon, local0 ...)
+    "socket_file",  # a unix socket file name, relative to the TOML file's directory
 ]
 
 
@@ -463,6 +466,30 @@ TOP_LEVEL_PARAMETERS: tuple[Parameter, ...] = (
         None,
         "log_format",
         "text (one Postfix-like line per event) or json (one object per line, for log shippers).",
+    ),
+    Parameter(
+        "log_target",
+        "stderr",
+        None,
+        "log_target",
+        "Where serve logs: stderr, or syslog (lines like Postfix's own, through syslog_socket, "
+        "so they land in mail.log); the other commands write to stderr unless --log-target.",
+    ),
+    Parameter(
+        "syslog_facility",
+        "mail",
+        None,
+        "syslog_facility",
+        "Syslog facility with log_target = syslog: mail (as Postfix), daemon, user, local0 to "
+        "local7, or another syslog(3) facility name.",
+    ),
+    Parameter(
+        "syslog_socket",
+        "/dev/log",
+        None,
+        "socket_file",
+        "The syslog daemon's unix datagram socket with log_target = syslog; when it is absent or "
+        "refuses, lines go to stderr after one warning, until it answers again.",
     ),
     Parameter(
         "workers",

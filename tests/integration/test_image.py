@@ -425,6 +425,14 @@ def test_only_runtime_code_is_installed(deployment: Deployment) -> None:
     assert (int(uids[1]), int(uids[2])) == (IMAGE_UID, IMAGE_UID)
 
 
+def test_man_pages_are_installed(deployment: Deployment) -> None:
+    """postfix-bridge(8) and postfix-bridge.toml(5), as committed in docs/man/."""
+    for section, name in (("8", "postfix-bridge.8"), ("5", "postfix-bridge.toml.5")):
+        path = f"/usr/share/man/man{section}/{name}"
+        installed = deployment.engine.run("exec", deployment.name, "cat", path).stdout
+        assert installed == (REPO_ROOT / "docs" / "man" / name).read_text(encoding="utf-8")
+
+
 def test_compose_example_configuration_passes_check(engine: Engine) -> None:
     """examples/docker/bridge.toml is valid in the image, on a read-only root as composed.
 

@@ -459,6 +459,9 @@ def test_parameters_cover_table_config_fields() -> None:
     assert [p.name for p in TOP_LEVEL_PARAMETERS] == [
         "log_level",
         "log_format",
+        "log_target",
+        "syslog_facility",
+        "syslog_socket",
         "workers",
         "user",
         "group",
@@ -973,3 +976,47 @@ def test_metrics_with_several_workers_is_accepted(tmp_path: Path) -> None:
     config = load_config(str(path))
     assert config.workers == 2
     assert config.metrics_endpoint is not None and config.metrics_endpoint.port == 9464
+
+
+def test_log_target_defaults_to_stderr_with_mail_facility_and_dev_log(tmp_path: Path) -> None:
+    config = load(tmp_path, f"{SOCKETMAP_LISTENER}[tables.t]\n")
+    assert (config.log_target, config.syslog_facility, config.syslog_socket) == (
+        "stderr",
+        "mail",
+        "/dev/log",
+    )
+
+
+def test_syslog_settings(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        'log_target = "syslog"\nsyslog_facility = "Local3"\nsyslog_socket = "run/log"\n'
+        f"{SOCKETMAP_LISTENER}[tables.t]\n",
+    )
+    assert config.log_target == "syslog"
+    assert config.syslog_facility == "local3"
+    # A relative socket name is relative to the TOML file, like every file name.
+    assert config.syslog_socket == str(tmp_path / "run" / "log")
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "message"),
+    [
+        (
+            'syslog_facility = "mial"',
+            "syslog_facility",
+            "must be a syslog facility (auth, authpriv, cron, daemon, ftp, kern, lpr, mail, "
+            "news, syslog, user, uucp, local0, local1, local2, local3, local4, local5, local6, "
+            "local7), not 'mial' (did you mean 'mail'?)",
+        ),
+        ("syslog_facility = 2", "syslog_facility", "must be a syslog facility"),
+        ('syslog_facility = "security"', "syslog_facility", "not 'security'"),
+        ('log_target = "journal"', "log_target", 'must be "stderr" or "syslog", not \'journal\''),
+        ('syslog_socket = ""', "syslog_socket", "empty value: a socket file name is required"),
+    ],
+)
+def test_bad_syslog_settings(tmp_path: Path, line: str, key: str, message: str) -> None:
+    problem = only_problem(tmp_path, f"{line}\n{SOCKETMAP_LISTENER}[tables.t]\n")
+    assert problem.key == key
+    assert message in problem.message
+    assert str(problem).startswith(f"{tmp_path / 'bridge.toml'}: ")
