@@ -247,7 +247,12 @@ def find_uses(
         if location.parameter in _PROXY_LISTS:
             continue
         tokens = split_tokens(value)
-        others = [v for loc, v in everything.items() if loc != location]
+        # proxy_read_maps names $virtual_alias_maps and kin by design: not a use.
+        others = [
+            v
+            for loc, v in everything.items()
+            if loc != location and loc.parameter not in _PROXY_LISTS
+        ]
         restriction_list = (
             location.parameter.endswith("_restrictions") or location.parameter in class_names
         )
