@@ -116,6 +116,32 @@ _CHECK_KINDS: Mapping[str, str] = {
 #: Where a memcache: word names a table proxymap may open, not a lookup.
 _PROXY_LISTS = frozenset({"proxy_read_maps", "proxy_write_maps"})
 
+#: Parameters whose tables are never migrated, and why.
+_NEVER: Mapping[str, str] = {
+    # memcache_table(5)'s own examples: caches Postfix writes to.
+    "address_verify_map": "Postfix writes to this cache, and socketmap: is read-only",
+    "postscreen_cache_map": "Postfix writes to this cache, and socketmap: is read-only",
+    # README, Security: tables that name files, commands or privileges.
+    **{
+        name: "security-sensitive table: keep it out of memcache and the bridge"
+        for name in ("alias_maps", "virtual_mailbox_maps", "virtual_uid_maps", "virtual_gid_maps")
+    },
+}
+
+#: Parameters Postfix may search with partial keys in ways this migration
+#: does not model; their tables are planned as single-key lookups with a note.
+_UNMODELLED = frozenset(
+    {
+        "local_recipient_maps",
+        "relay_recipient_maps",
+        "smtpd_sender_login_maps",
+        "sender_bcc_maps",
+        "recipient_bcc_maps",
+        "sender_dependent_relayhost_maps",
+        "sender_dependent_default_transport_maps",
+    }
+)
+
 
 # ------------------------------------------------------- postconf output
 
@@ -266,6 +292,9 @@ def find_uses(
                 refused.append(Refused(location, file, reason))
 
             previous = tokens[index - 1].text if index else ""
+            if location.parameter in _NEVER:
+                refuse(_NEVER[location.parameter])
+                continue
             if previous in _CHECK_KINDS:
                 kind = _CHECK_KINDS[previous]
             elif location.parameter in _PARAMETER_KINDS:
@@ -388,6 +417,8 @@ class Plan:
     #: Location -> its value before (for the same locations).
     before: Mapping[Location, str]
     refused: tuple[Refused, ...] = field(default=())
+    #: Things to tell the user about tables that are migrated.
+    notes: tuple[str, ...] = field(default=())
 
     @property
     def refused_files(self) -> list[str]:
@@ -574,7 +605,16 @@ def make_plan(
             dict.fromkeys(u.location for u in kept if (u.file, u.kind) == (file, kind))
         )
         tables.append(PlannedTable(name, file, kind, locations, table_settings(kind, settings)))
+    notes = [
+        f"table {table.name}: {location} may be searched by Postfix with partial keys "
+        "(user@domain, @domain); planned as a single-key lookup: set address_search "
+        "by hand if the table has such entries"
+        for table in tables
+        for location in table.locations
+        if location.parameter in _UNMODELLED
+    ]
     return Plan(
+        notes=tuple(notes),
         listen=listen,
         config_dir=config_dir,
         tables=tuple(sorted(tables, key=lambda table: table.name)),

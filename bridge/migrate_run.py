@@ -370,6 +370,8 @@ def _run(args: argparse.Namespace) -> int:
     plan = plan_migration(postfix, args.listen)
     for refused in plan.refused:
         _say(f"cannot migrate {refused.file} ({refused.location}): {refused.reason}")
+    for note in plan.notes:
+        _say(f"note: {note}")
     status = EXIT_REFUSED if plan.refused else EXIT_OK
     if not plan.tables:
         _say(f"no memcache: table to migrate in {postfix.config_dir}")

@@ -231,6 +231,26 @@ def test_uses_that_cannot_be_told_are_left_alone() -> None:
     assert "postconf -P" in reasons["/p/c.cf"]
 
 
+def test_written_and_security_sensitive_tables_are_left_alone() -> None:
+    result = plan(
+        "address_verify_map = memcache:/p/verify.cf\n"
+        "postscreen_cache_map = proxy:memcache:/p/psc.cf\n"
+        "virtual_mailbox_maps = memcache:/p/mailbox.cf\n"
+    )
+    assert not result.tables
+    reasons = {refused.file: refused.reason for refused in result.refused}
+    assert "read-only" in reasons["/p/verify.cf"]
+    assert "read-only" in reasons["/p/psc.cf"]
+    assert "security-sensitive" in reasons["/p/mailbox.cf"]
+
+
+def test_tables_searched_in_ways_not_modelled_get_a_note() -> None:
+    result = plan("relay_recipient_maps = memcache:/p/relay.cf\n")
+    assert searches(result) == {"relay": ["full"]}
+    assert len(result.notes) == 1
+    assert "relay_recipient_maps" in result.notes[0]
+
+
 def test_an_unusable_file_is_left_alone_everywhere() -> None:
     result = plan(
         "virtual_alias_maps = memcache:/p/bad.cf, memcache:/p/good.cf\n"
