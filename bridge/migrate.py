@@ -24,10 +24,13 @@ lookup. A ``.cf`` file used in two kinds of places becomes two bridge
 tables (``NAME-KIND``), each with its own search.
 
 A table is left alone (reported, not planned) when its use cannot be
-told: a bare table in a restriction list, a parameter other parameters
-name as ``$name``, a ``.cf`` name that is not absolute, a master.cf
-override whose new value postconf -P cannot write. The caller adds the
-``.cf`` files the bridge cannot load (:func:`make_plan`'s ``unusable``).
+told or must not change: a bare table in a restriction list, a table
+(without a ``check_*`` in front) in a parameter other parameters name as
+``$name``, a ``.cf`` name that is not absolute, a master.cf override
+whose new value postconf -P cannot write, a cache Postfix writes to, a
+security-sensitive table. The caller adds the ``.cf`` files the bridge
+cannot load (:func:`make_plan`'s ``unusable``). A file is migrated
+everywhere it is used or nowhere.
 """
 
 from __future__ import annotations
@@ -304,7 +307,13 @@ def find_uses(
                 continue
             else:
                 kind = "single"
-            if not location.in_master and _referenced(location.parameter, others):
+            # A restriction list named as $name elsewhere is the same list
+            # there: its check_* still says the kind. Anything else is not.
+            if (
+                previous not in _CHECK_KINDS
+                and not location.in_master
+                and _referenced(location.parameter, others)
+            ):
                 refuse(
                     f"${location.parameter} is used by other parameters, so the kind of "
                     "lookup cannot be told; name the table where it is used"

@@ -231,6 +231,19 @@ def test_uses_that_cannot_be_told_are_left_alone() -> None:
     assert "postconf -P" in reasons["/p/c.cf"]
 
 
+def test_a_restriction_list_named_as_dollar_name_is_migrated() -> None:
+    # Debian's master.cf: -o smtpd_client_restrictions=$mua_client_restrictions
+    result = plan(
+        "mua_client_restrictions = check_client_access memcache:/p/mua.cf, permit\n",
+        "submission/inet/smtpd_client_restrictions = $mua_client_restrictions\n",
+    )
+    assert searches(result) == {"mua": ["full", "parent_domains", "networks"]}
+    assert result.changes == {
+        Location("mua_client_restrictions"): f"check_client_access {SM}:mua, permit"
+    }
+    assert not result.refused
+
+
 def test_written_and_security_sensitive_tables_are_left_alone() -> None:
     result = plan(
         "address_verify_map = memcache:/p/verify.cf\n"
