@@ -25,11 +25,12 @@ at the same sinks.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -99,15 +100,14 @@ def _reload(postfix: PostfixInstance) -> None:
     before = postfix.log().count("reload --")
     done = _run([POSTFIX, "-c", str(postfix.config_dir), "reload"])
     assert done.returncode == 0, done.stderr
+    # The master logs this once it has re-read both files; every smtpd
+    # after it is new (max_use=1), and the other daemons exit when idle.
     wait_until(
         lambda: postfix.log().count("reload --") > before,
         timeout=20,
         what="postfix reload",
         details=postfix.log,
     )
-    # New smtpd processes (max_use=1) come up with the new configuration;
-    # give the master a moment to replace the old listeners' children.
-    time.sleep(1)
 
 
 def _send_all(
@@ -140,6 +140,21 @@ def _send_all(
         )
         results.append((replies.lines(), reached))
     return results
+
+
+def _requests(metrics_port: int) -> dict[str, float]:
+    """postfix_bridge_requests_total per table, from the bridge's /metrics."""
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    totals: dict[str, float] = {}
+    for line in response.decode().splitlines():
+        match = re.fullmatch(r'postfix_bridge_requests_total\{.*table="([^"]+)".*\} (\S+)', line)
+        if match:
+            totals[match[1]] = totals.get(match[1], 0.0) + float(match[2])
+    return totals
 
 
 @pytest.fixture
@@ -242,9 +257,16 @@ def test_migrate_verify_apply_keeps_the_mail_flow(root: Path) -> None:
         assert f"{override}=check_sender_access,socketmap:{listen}:sender" in planned.stdout
         checked = _run([sys.executable, "-m", "bridge", "check", "--config", str(toml)])
         assert checked.returncode == 0, checked.stderr
+        # The bridge serves the generated file plus [metrics], which shows
+        # that Postfix asks every table after the migration.
+        metrics_port = free_port()
+        served = root / "bridge-served.toml"
+        served.write_text(
+            toml.read_text() + f'\n[metrics]\nendpoint = "inet:127.0.0.1:{metrics_port}"\n'
+        )
         bridge = contextlib.ExitStack()
         stack.enter_context(bridge)
-        bridge.enter_context(run_bridge(toml))
+        bridge.enter_context(run_bridge(served))
 
         # Postfix is untouched until migrate --verify --apply.
         assert "memcache:" in _run([POSTCONF, "-c", config_dir, "-n"]).stdout
@@ -266,8 +288,12 @@ def test_migrate_verify_apply_keeps_the_mail_flow(root: Path) -> None:
         assert (postfix.config_dir / "main.cf.before-migrate").exists()
 
         _reload(postfix)
+        asked_before = _requests(metrics_port)
         after = _send_all(postfix, sinks, "after")
         assert after == before
+        asked = _requests(metrics_port)
+        for table in ("aliases", "transport", "access", "sender"):
+            assert asked.get(table, 0) > asked_before.get(table, 0), (table, asked)
         # Postfix really asks the bridge now: without it, lookups fail (4xx).
         bridge.close()
         down = send_mail(
