@@ -42,6 +42,7 @@ from pathlib import Path
 import trio
 
 from bridge.config import ConfigError, load_config
+from bridge.endpoint import EndpointError, parse_endpoint
 from bridge.maps.base import MapError
 from bridge.migrate import (
     SETTINGS_PARAMETERS,
@@ -359,6 +360,11 @@ def run(args: argparse.Namespace) -> int:
         _say("--apply needs --verify: nothing is changed before the bridge was compared")
         return EXIT_USAGE
     try:
+        parse_endpoint(args.listen)
+    except EndpointError as exc:
+        _say(f"--listen {args.listen}: {exc}")
+        return EXIT_USAGE
+    try:
         return _run(args)
     except MigrateError as exc:
         _say(str(exc))
@@ -436,7 +442,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"Postfix's configuration directory, as postconf -c (default {DEFAULT_POSTFIX_DIR})",
     )
     migrate.add_argument(
-        "--output", "-o", metavar="FILE", help="write bridge.toml here (default: stdout)"
+        "--output", metavar="FILE", help="write bridge.toml here (default: stdout)"
     )
     migrate.add_argument(
         "--listen",

@@ -351,6 +351,11 @@ def test_apply_without_verify_is_refused(capsys: pytest.CaptureFixture[str]) -> 
     assert "--apply needs --verify" in capsys.readouterr().err
 
 
+def test_a_bad_listen_endpoint_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert migrate_run.run(_args("--listen", "tcp:somewhere")) == migrate_run.EXIT_USAGE
+    assert "--listen tcp:somewhere" in capsys.readouterr().err
+
+
 def test_an_unreadable_postfix_directory_is_a_config_error() -> None:
     status = migrate_run.run(_args("-c", "/nonexistent/postfix-dir"))
     assert status == migrate_run.EXIT_CONFIG
