@@ -46,6 +46,10 @@ Configuration
   ``manpages``       postfix-bridge(8) and postfix-bridge.toml(5), rendered
                      from the schema and the argument parser
   ``loader``         ``postfix-bridge load``: bulk load from a source file
+  ``migrate``        ``postfix-bridge migrate``'s plan, pure: postconf output
+                     in, bridge.toml and postconf commands out
+  ``migrate_run``    the command around it: postconf, the bridge's loader,
+                     --verify with postmap, the all-or-nothing --apply
 
 Adding a table type is one module under ``maps/`` plus one entry in
 ``maps.TABLE_TYPES``; adding a parameter is one entry in

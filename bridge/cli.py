@@ -1,4 +1,4 @@
-"""Command line: ``postfix-bridge serve | check | query | update | delete | dump | load``.
+"""Command line: ``postfix-bridge serve | check | query | update | delete | dump | load | migrate``.
 
 Exit statuses follow postmap and sysexits(3) so that scripts can tell the
 cases apart:
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from bridge import __version__, daemon
+from bridge import __version__, daemon, migrate_run
 from bridge.config import BridgeConfig, ConfigError, TableConfig, load_config
 from bridge.endpoint import InetEndpoint
 from bridge.keys import DomainLiteral
@@ -479,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"entries per transaction (default {DEFAULT_BATCH_SIZE})",
     )
     load.set_defaults(handler=lambda args: _run_on_table(args, _load_file))
+
+    # migrate's -c is Postfix's configuration directory (as in postconf -c).
+    migrate_run.add_parser(commands)
     return parser
 
 
