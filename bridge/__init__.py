@@ -12,7 +12,12 @@ Process and connections
                      privileges, signals, systemd, one process or workers
   ``workers``        the supervisor of ``workers = N`` forked processes
   ``listeners``      binding listeners; unix socket-file ownership
-  ``server``         accept loops, reload, and the per-connection loop
+  ``server``         accept loops, reload, and the per-connection task
+                     (``serving = "tasks"``)
+  ``multiplex``      one task serving every connection (``serving =
+                     "events"``, the default): epoll, deadline heap
+  ``dialect``        what differs between socketmap and tcp_table
+                     connections; how an outcome becomes a reply
   ``netio``          non-blocking sockets driven by trio's low-level waits
   ``http``           the ``[metrics]`` listener (/metrics, /healthz)
   ``metrics``, ``logs``, ``systemd``: observability (``logs``: stderr or

@@ -4,13 +4,20 @@ Theory of operation
 -------------------
 :class:`BridgeServer` runs one accept loop per listening socket (bound
 beforehand by :mod:`bridge.listeners`) and reports readiness through
-``task_status.started()`` once they all run. Each accepted connection
-gets a :class:`_Connection` and a task: it feeds bytes into the
-listener's sans-I/O codec (socketmap or tcp_table, both speaking
-:mod:`bridge.protocol.events`' vocabulary) and answers requests strictly
-in order, one at a time, which is all Postfix clients do (SM-13) and
-keeps pipelined requests ordered. What differs between the two
-protocols is one :class:`_Dialect` record each.
+``task_status.started()`` once they all run. An accepted connection is
+served one of two ways, by its listener's ``serving`` key:
+
+* ``events`` (the default): handed to :class:`bridge.multiplex.Multiplexer`,
+  one task that reads every ready connection per wake-up and starts a
+  task only for a lookup that has to wait for memcache or the backup;
+* ``tasks``: a :class:`_Connection` and a task of its own, which feeds
+  bytes into the listener's sans-I/O codec and answers requests strictly
+  in order, one at a time (SM-13). Portable, and the reference the
+  event loop is tested against (tests/run.sh runs the server-facing tests
+  both ways).
+
+Both speak :mod:`bridge.protocol.events`' vocabulary through the codecs
+of :mod:`bridge.dialect`, and answer through its ``reply_for``.
 
 Tables are looked up through :attr:`BridgeServer.tables` at request time,
 so a reload (SIGHUP) swaps the whole set of tables between two requests

@@ -250,12 +250,10 @@ class Table:
         Returns:
           Found, NOT_FOUND, Retry or ConfigFailure.
         """
+        cached = self.cached(key)
+        if cached is not None:
+            return cached
         hot = self._hot_cache
-        if hot is not None:
-            cached = hot.get(key)
-            if cached is not None:
-                metrics.current.cache_hit(self.name, "hot")
-                return cached
         outcome = await self._lookup(key)
         if hot is not None and isinstance(outcome, Found | NotFound):
             hot.put(key, outcome)
@@ -268,7 +266,12 @@ class Table:
         them, without starting a task: what :meth:`lookup` would return.
         """
         hot = self._hot_cache
-        return None if hot is None else hot.get(key)
+        if hot is None:
+            return None
+        cached = hot.get(key)
+        if cached is not None:
+            metrics.current.cache_hit(self.name, "hot")
+        return cached
 
     async def _lookup(self, key: bytes) -> Outcome:
         normalized = self.normalize_key(key)
