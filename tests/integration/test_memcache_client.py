@@ -194,9 +194,11 @@ async def test_idle_connections_are_closed_after_a_while(
     monkeypatch.setattr("bridge.memcache.client.IDLE_CLOSE", 0.2)
     client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), memcache_settings())
     try:
-        async with trio.open_nursery() as nursery:
-            for _ in range(10):
-                nursery.start_soon(client.get, b"k")
+        # Ten connections at once (concurrent gets would share one batch,
+        # and so one connection), all back in the pool.
+        connections = [await client._connect() for _ in range(10)]
+        for connection in connections:
+            client._release(connection)
         assert len(client._idle) == 10
         await trio.sleep(0.3)
         await client.get(b"k")  # reuses the newest, closes the nine that aged out
