@@ -27,10 +27,14 @@ server as one batch instead: one write, and as few reads as the replies
 need. ``get``, ``set`` and ``delete`` all join the same queue.
 
 The first command to arrive while no batch is being collected becomes its
-*leader*. If other tasks are runnable (they may be about to ask too) the
-leader yields once, so that they can join; when nothing else is runnable
-(a single client) it does not yield, and one lookup costs what it did
-without coalescing. The leader then takes the queue (at most
+*leader*. Under load (a batch of this client is in flight, or other tasks
+are queued to run) the leader yields once, so that the tasks woken in the
+same scheduler pass can join. Otherwise (a single client) it does not
+yield, and one lookup costs what it did without coalescing; the price is
+that in a burst after a quiet spell, the first command goes alone and the
+rest follow as one batch. (trio's count of runnable tasks leaves out the
+tasks still to run in the current pass, so it cannot tell a lone lookup
+from the first of a burst.) The leader then takes the queue (at most
 :data:`BATCH_COMMANDS` commands or about :data:`BATCH_BYTES` bytes; the
 rest form the next batch, led by the first of them) and runs it on one
 connection, idle or new, exactly as a single command would run. Commands
@@ -334,10 +338,8 @@ class MemcacheClient:
         self._queue: deque[_Command] = deque()
         #: A leader is collecting the queue (or has been picked to).
         self._collecting = False
-        #: Batches running now. trio's count of runnable tasks leaves out
-        #: the ones still to run in the current scheduler pass, so a batch
-        #: in flight is the sign of load that makes a new leader wait for
-        #: company; with none in flight (one client) it sends at once.
+        #: Batches running now: the sign of load that makes a new leader
+        #: wait one scheduler pass for company (see the module docstring).
         self._in_flight = 0
 
     # ------------------------------------------------------------------ API
@@ -518,6 +520,9 @@ class MemcacheClient:
                         if command.task is not None and not command.done:
                             retry = Retry(f"memcache {self.endpoint}: batch interrupted")
                             _finish(command, retry)
+            # A leader cancelled while it was shielded raises now, as any
+            # cancelled call does, even if its own answer arrived.
+            await trio.lowlevel.checkpoint_if_cancelled()
         finally:
             self._in_flight -= 1
 
