@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -233,6 +234,8 @@ class PipelinedServer:
         self.hold: set[bytes] = set()
         self.release = trio.Event()
         self.reads: list[list[tuple[float, bytes]]] = []
+        #: Set at the next read (then replaced by a fresh event).
+        self.read = trio.Event()
 
     def writes(self, connection: int) -> list[bytes]:
         """What each read on the connection returned: the client's writes, normally."""
@@ -255,6 +258,8 @@ class PipelinedServer:
         buffer = b""
         while data := await stream.receive_some(65536):
             reads.append((trio.current_time(), data))
+            self.read.set()
+            self.read = trio.Event()
             buffer += data
             out = b""
             while b"\r\n" in buffer:
@@ -480,3 +485,225 @@ async def test_read_timeout_mid_batch_gives_the_unanswered_timeout(
         result = results[key]
         assert isinstance(result, Retry) and result.timeout, key
         assert result.reason == f"memcache {client.endpoint}: timeout after 1s waiting for reply"
+
+
+async def _wait_for_batch(server: PipelinedServer, connection: int) -> list[bytes]:
+    """The keys of the first write on ``connection``, once the server has it."""
+    while len(server.reads) <= connection or not server.reads[connection]:
+        await server.read.wait()
+    return server.keys(connection)
+
+
+async def _cancel_one_in_flight(
+    client: MemcacheClient, server: PipelinedServer, keys: Sequence[bytes], pick: int
+) -> tuple[list[bytes], dict[bytes, object], set[bytes]]:
+    """Run ``keys`` as one batch held by the server; cancel the ``pick``-th lookup of it.
+
+    The leader is the batch's first command: it enqueued first, and a
+    batch is written in queue order.
+
+    Returns:
+      The batch's keys in order, the lookups' results, the cancelled keys.
+    """
+    server.hold.update([b"slow", *keys])
+    scopes = {key: trio.CancelScope() for key in keys}
+    results: dict[bytes, object] = {}
+    cancelled: set[bytes] = set()
+
+    async def one(key: bytes) -> None:
+        with scopes[key]:
+            results[key] = await client.get(key)
+        if scopes[key].cancelled_caught:
+            cancelled.add(key)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.get, b"slow")
+        await trio.testing.wait_all_tasks_blocked()
+        for key in keys:
+            nursery.start_soon(one, key)
+        batch = await _wait_for_batch(server, 1)
+        scopes[batch[pick]].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        server.release.set()
+    return batch, results, cancelled
+
+
+async def test_follower_cancelled_in_flight_leaves_the_others_their_answers(
+    pipelined: tuple[PipelinedServer, int],
+) -> None:
+    server, port = pipelined
+    keys = [b"k%d" % i for i in range(4)]
+    server.replies = {key: _hit(key, b"v" + key) for key in keys}
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), memcache_settings())
+    try:
+        batch, results, cancelled = await _cancel_one_in_flight(client, server, keys, 2)
+    finally:
+        await client.aclose()
+    victim = batch[2]
+    assert cancelled == {victim}
+    assert results == {key: b"v" + key for key in keys if key != victim}
+    # Its reply was read and dropped, and it was not sent again.
+    assert server.sends_of(victim) == 1
+
+
+async def test_leader_cancelled_in_flight_still_delivers_its_followers_answers(
+    pipelined: tuple[PipelinedServer, int],
+) -> None:
+    # One follower needs a second attempt after retry_pause: the cancelled
+    # leader keeps the batch going until that follower has its Retry.
+    server, port = pipelined
+    keys = [b"k0", b"k1", b"err", b"k2"]
+    server.replies = {key: _hit(key, b"v" + key) for key in keys}
+    server.replies[b"err"] = b"SERVER_ERROR busy\r\n"
+    settings = memcache_settings(max_try=2, retry_pause=1)
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), settings)
+    try:
+        batch, results, cancelled = await _cancel_one_in_flight(client, server, keys, 0)
+    finally:
+        await client.aclose()
+    leader = batch[0]
+    # The leader raises Cancelled once its followers are served.
+    assert cancelled == {leader}
+    expected: dict[bytes, object] = {key: b"v" + key for key in keys if key != leader}
+    if leader != b"err":
+        err = results.pop(b"err")
+        assert isinstance(err, Retry) and err.reason.endswith(": SERVER_ERROR busy")
+        assert server.sends_of(b"err") >= 2
+        del expected[b"err"]
+    assert results == expected
+
+
+async def test_lookup_cancelled_before_its_batch_is_taken_leaves_the_queue(
+    pipelined: tuple[PipelinedServer, int],
+) -> None:
+    server, port = pipelined
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), memcache_settings())
+    try:
+        # As if a leader were collecting: this lookup queues as a follower.
+        client._collecting = True
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.get(b"gone")
+        assert scope.cancelled_caught
+        assert not client._queue
+        client._collecting = False
+        assert await client.get(b"k") is None
+    finally:
+        await client.aclose()
+    assert server.keys(0) == [b"k"]
+
+
+async def test_lookups_cancelled_at_once_in_a_burst_spare_their_neighbours(
+    pipelined: tuple[PipelinedServer, int],
+) -> None:
+    # Whoever ends up leading, the cancelled ones raise and the rest answer.
+    server, port = pipelined
+    keys = [b"k%d" % i for i in range(6)]
+    server.replies = {key: _hit(key, b"v" + key) for key in keys}
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), memcache_settings())
+    results: dict[bytes, object] = {}
+    cancelled: set[bytes] = set()
+
+    async def one(key: bytes, cancel: bool) -> None:
+        with trio.CancelScope() as scope:
+            if cancel:
+                scope.cancel()
+            results[key] = await client.get(key)
+        if scope.cancelled_caught:
+            cancelled.add(key)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, key in enumerate(keys):
+                nursery.start_soon(one, key, index % 2 == 1)
+    finally:
+        await client.aclose()
+    assert cancelled == set(keys[1::2])
+    assert results == {key: b"v" + key for key in keys[0::2]}
+
+
+async def test_one_get_at_a_time_is_one_command_per_write_without_a_yield(
+    pipelined: tuple[PipelinedServer, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lone lookup never waits for company: that would only add latency.
+    yields = 0
+    checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+
+    async def counting_checkpoint() -> None:
+        nonlocal yields
+        # Only the client's own: the in-process server's tasks use it too.
+        if sys._getframe(1).f_globals["__name__"] == "bridge.memcache.client":
+            yields += 1
+        await checkpoint()
+
+    monkeypatch.setattr(trio.lowlevel, "cancel_shielded_checkpoint", counting_checkpoint)
+    server, port = pipelined
+    keys = [b"k%d" % i for i in range(5)]
+    server.replies = {key: _hit(key, b"v" + key) for key in keys}
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), memcache_settings())
+    try:
+        for key in keys:
+            assert await client.get(key) == b"v" + key
+    finally:
+        await client.aclose()
+    assert server.writes(0) == [_gets([key]) for key in keys]
+    assert len(server.reads) == 1
+    assert yields == 0
+
+
+async def test_a_burst_after_a_quiet_spell_sends_its_first_get_at_once(
+    pipelined: tuple[PipelinedServer, int],
+) -> None:
+    # Nothing in flight: the first lookup cannot know others follow in the
+    # same scheduler pass, so it goes alone; the others wait for each
+    # other and go as one write.
+    server, port = pipelined
+    keys = [b"k%d" % i for i in range(5)]
+    server.replies = {key: _hit(key, b"v" + key) for key in keys}
+    client = MemcacheClient(InetEndpoint("127.0.0.1", port), memcache_settings())
+    results: dict[bytes, object] = {}
+
+    async def one(key: bytes) -> None:
+        results[key] = await client.get(key)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+    finally:
+        await client.aclose()
+    assert results == {key: b"v" + key for key in keys}
+    writes = sorted(read for reads in server.reads for read in reads)
+    assert [data.count(b"\r\n") for _, data in writes] == [1, 4]
+
+
+async def test_concurrent_sets_and_gets_share_batches_on_real_memcached(
+    memcached: Memcached,
+) -> None:
+    # Refills (sets) join the same batches as lookups: 40 concurrent
+    # commands, each with its own answer, on a handful of connections.
+    client = MemcacheClient(InetEndpoint("127.0.0.1", memcached.port), memcache_settings())
+    for i in range(20):
+        memcached.set(b"old%d" % i, b"o%d" % i)
+    opened_before = _stat(memcached, b"total_connections")
+    results: dict[bytes, object] = {}
+
+    async def get(key: bytes) -> None:
+        results[key] = await client.get(key)
+
+    async def set_(key: bytes) -> None:
+        results[key] = await client.set(key, b"n" + key, flags=0, ttl=0)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(get, b"old%d" % i)
+                nursery.start_soon(set_, b"new%d" % i)
+        # the first command alone, the rest together; plus one stats connection
+        assert _stat(memcached, b"total_connections") - opened_before <= 2 + 1
+        for i in range(20):
+            assert results[b"old%d" % i] == b"o%d" % i
+            assert results[b"new%d" % i] is True
+            assert memcached.get(b"new%d" % i) == (0, b"nnew%d" % i)
+    finally:
+        await client.aclose()
