@@ -547,13 +547,18 @@ class MemcacheClient:
                 connection = await self._acquire()
             except _Failure as failure:
                 # MC-11: a failed connect ends the loop at once, for the
-                # whole batch.
-                if not failure.timeout:
-                    for _ in todo:
+                # whole batch: the commands that tried it, and those
+                # waiting for the next round.
+                for command in todo:
+                    if not failure.timeout:
                         metrics.current.memcache_attempt(self._name, failed=True)
+                    self._fail(command, failure, final=True)
+                retry = Retry(
+                    f"memcache {self.endpoint}: {failure.reason}", timeout=failure.timeout
+                )
                 for command in batch.commands:
                     if not command.done and not command.abandoned:
-                        self._fail(command, failure, final=True)
+                        _finish(command, retry)
                 return
             todo = await self._exchange(connection, todo)
             todo = [c for c in todo if not c.abandoned]
@@ -654,17 +659,23 @@ class MemcacheClient:
                 # May hold table values: only at debug level.
                 _log.debug("memcache %s: %s: %s", self.endpoint, event.reason, event.detail)
             if ended:
-                if stream_failure is None:
-                    if timed_out:
-                        reason = f"timeout after {timeout}s waiting for reply"
-                    elif event.reason == CONNECTION_CLOSED_AFTER_ERROR:
-                        # Behind a value whose trailer never came.
-                        reason = "connection closed"
-                    else:
-                        reason = event.reason
-                    stream_failure = _Failure(reason, timeout=timed_out)
+                # The stream failed: this command and every one behind it
+                # count a failed attempt. The first names what it saw
+                # ("connection closed while reading value"), the others
+                # that the connection is gone.
+                if stream_failure is not None:
+                    failure = stream_failure
+                elif timed_out:
+                    failure = _Failure(f"timeout after {timeout}s waiting for reply", timeout=True)
+                    stream_failure = failure
+                else:
+                    failure = _Failure(event.reason)
+                    if event.reason == CONNECTION_CLOSED_AFTER_ERROR:
+                        # behind a value whose trailer never came
+                        failure = _Failure("connection closed")
+                    stream_failure = _Failure("connection closed")
                 metrics.current.memcache_attempt(name, failed=True)
-                self._fail(command, stream_failure)
+                self._fail(command, failure)
             elif event.reason == CONNECTION_CLOSED_AFTER_ERROR:
                 resend.append(command)
             else:

@@ -707,3 +707,22 @@ async def test_concurrent_sets_and_gets_share_batches_on_real_memcached(
             assert memcached.get(b"new%d" % i) == (0, b"nnew%d" % i)
     finally:
         await client.aclose()
+
+
+async def test_refused_connection_ends_every_lookup_of_a_batch_at_once() -> None:
+    settings = memcache_settings(max_try=3, retry_pause=5)
+    client = MemcacheClient(InetEndpoint("127.0.0.1", closed_port()), settings)
+    results: dict[int, object] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await client.get(b"k%d" % i)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(one, i)
+    assert trio.current_time() - start < 4  # no retry_pause
+    for result in results.values():
+        assert isinstance(result, Retry) and not result.timeout
+        assert result.reason.startswith(f"memcache {client.endpoint}: connect: ")
+    assert len(results) == 8
