@@ -24,7 +24,9 @@ pass. Sending each ``get`` on its own connection costs a write, a read
 and an event-loop wake-up per lookup; memcache answers pipelined commands
 strictly in order, so the lookups that are ready together go to the
 server as one batch instead: one write, and as few reads as the replies
-need. ``get``, ``set`` and ``delete`` all join the same queue.
+need. ``get``, ``set`` and ``delete`` all join the same queue (so
+backup refills travel with lookups); ``set_many`` (bulk load) and
+``ping`` run alone, outside it.
 
 The first command to arrive while no batch is being collected becomes its
 *leader*. Under load (a batch of this client is in flight, or other tasks
@@ -48,7 +50,8 @@ follower still waits: a cancelled leader would otherwise strand its
 followers, with their commands already on the wire. The shield costs
 nothing unbounded, since every read is bounded by ``timeout`` and every
 command by ``max_try``; once no follower waits any more, the shield is
-lifted and the leader's own cancellation takes effect. A follower that is
+lifted and the leader's own cancellation takes effect (a leader cancelled
+while shielded raises Cancelled once its batch is done). A follower that is
 cancelled before its batch is taken leaves the queue; one cancelled while
 its batch is in flight is abandoned: its reply is still read (it is in
 the stream) and then dropped, and it is not sent again.
@@ -63,14 +66,17 @@ itself failed:
   miss, ``STORED`` ...); a reply of a type the command does not expect
   fails that command's attempt only;
 * a reply whose *content* breaks the protocol (a value longer than
-  ``data_size_limit``, an unexpected line, a bad trailer) while the
-  stream itself is fine fails that command's attempt only; the commands
-  queued behind it on the connection (which the protocol can no longer
-  read) are sent again at once on a fresh connection, without counting
-  an attempt and without ``retry_pause``;
+  ``data_size_limit``, an unexpected or over-long line) while the stream
+  itself is fine fails that command's attempt only; the commands queued
+  behind it on the connection (which the protocol can no longer read)
+  are sent again at once on a fresh connection, without counting an
+  attempt and without ``retry_pause``. The same goes for the commands
+  behind a value whose trailer is not ``END``: that value is still the
+  answer (MC-9 step 4), but the connection is finished;
 * when the *stream* fails (end of stream, a reset, a read running out of
   ``timeout``, a write error), every command still unanswered on that
-  connection counts a failed attempt, with that reason;
+  connection counts a failed attempt: the first with the reason it saw,
+  the others with "connection closed" (or the timeout);
 * a failed connect ends the loop of every unfinished command of the
   batch at once (MC-11).
 
