@@ -75,8 +75,9 @@ itself failed:
   answer (MC-9 step 4), but the connection is finished;
 * when the *stream* fails (end of stream, a reset, a read running out of
   ``timeout``, a write error), every command still unanswered on that
-  connection counts a failed attempt: the first with the reason it saw,
-  the others with "connection closed" (or the timeout);
+  connection counts a failed attempt: after a write error all with that
+  error; otherwise the first with the reason it saw, the others with
+  "connection closed" (or the timeout);
 * a failed connect ends the loop of every unfinished command of the
   batch at once (MC-11).
 
