@@ -107,17 +107,17 @@ def test_command_page_lists_commands_options_exit_statuses_and_signals() -> None
 
 
 def test_a_new_subcommand_is_picked_up_without_change(monkeypatch: pytest.MonkeyPatch) -> None:
-    def with_migrate() -> argparse.ArgumentParser:
+    def with_rehash() -> argparse.ArgumentParser:
         parser = cli.build_parser()
         [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        migrate = commands.add_parser("migrate", help="convert a memcache_table(5) file")
-        migrate.add_argument("cf_file", metavar="FILE", help="the .cf file")
-        migrate.add_argument("--dry-run", action="store_true", help="print, do not write")
+        rehash = commands.add_parser("rehash", help="convert a memcache_table(5) file")
+        rehash.add_argument("cf_file", metavar="FILE", help="the .cf file")
+        rehash.add_argument("--dry-run", action="store_true", help="print, do not write")
         return parser
 
-    monkeypatch.setattr(manpages, "build_parser", with_migrate)
+    monkeypatch.setattr(manpages, "build_parser", with_rehash)
     page = manpages.command_page()
-    assert r"\fBpostfix\-bridge\fR \fBmigrate\fR" in page
+    assert r"\fBpostfix\-bridge\fR \fBrehash\fR" in page
     assert r"[\fB\-\-dry\-run\fR] \fIFILE\fR" in page
     assert "print, do not write" in page.lower()
 
