@@ -24,6 +24,7 @@ from bridge import __version__
 from bridge.cli import DEFAULT_CONFIG, EXIT_STATUSES, build_parser
 from bridge.config import TOP_LEVEL_PARAMETERS, Parameter
 from bridge.daemon import SIGNALS
+from bridge.migrate_run import EXIT_STATUSES as MIGRATE_EXIT_STATUSES
 from bridge.reference import SECTIONS, default_cell
 
 PROGRAM = "postfix-bridge"
@@ -246,6 +247,10 @@ def command_page() -> str:
 
     lines.append(".SH EXIT STATUS")
     for status, meaning in EXIT_STATUSES:
+        lines += _tagged(_bold(str(status)), escape(meaning) + ".")
+    lines.append(".PP")
+    lines += _paragraphs(f"{PROGRAM} migrate has statuses of its own:")
+    for status, meaning in MIGRATE_EXIT_STATUSES.items():
         lines += _tagged(_bold(str(status)), escape(meaning) + ".")
 
     lines.append(".SH SIGNALS")
