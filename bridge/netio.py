@@ -92,13 +92,18 @@ class Connection:
 
     def _spin(self, max_bytes: int, spin: float) -> bytes | None:
         """Non-blocking reads for up to ``spin`` seconds; None if nothing came (or others wait)."""
+        # Asked once: while this loop runs no other task can become ready
+        # (only I/O and other threads wake tasks, and trio sees those when
+        # it next polls), and building the statistics costs more than a
+        # recv attempt.
+        if trio.lowlevel.current_statistics().tasks_runnable:
+            return None
         deadline = time.perf_counter() + spin
-        statistics = trio.lowlevel.current_statistics
         while True:
             try:
                 return self.sock.recv(max_bytes)
             except BlockingIOError:
-                if time.perf_counter() >= deadline or statistics().tasks_runnable:
+                if time.perf_counter() >= deadline:
                     return None
             except (ConnectionResetError, ConnectionAbortedError):
                 return b""

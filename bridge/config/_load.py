@@ -212,6 +212,7 @@ def _load_listener(
         allow=take(values, "allow", tuple),
         reuse_port=take(values, "reuse_port", bool),
         serving="tasks" if values["serving"] == "tasks" else "events",
+        busy_poll_us=take(values, "busy_poll_us", int),
         mode=take(values, "mode", int),
         owner=take_optional(values, "owner", int),
         group=take_optional(values, "group", int),

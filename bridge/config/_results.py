@@ -133,6 +133,8 @@ class ListenerConfig:
     reuse_port: bool
     #: "events" (one task per server multiplexes connections) or "tasks".
     serving: Literal["events", "tasks"]
+    #: How long an answer task tries for the next request (serving = "events").
+    busy_poll_us: int
     mode: int
     owner: int | None
     group: int | None

@@ -411,6 +411,15 @@ LISTENER_PARAMETERS: tuple[Parameter, ...] = (
         "empty = any. Others are closed at accept.",
     ),
     Parameter(
+        "busy_poll_us",
+        "50",
+        0,
+        "integer",
+        'serving = "events": microseconds a connection\'s answer task keeps trying for the '
+        "client's next request before handing the connection back to the event loop, only "
+        "while no other work is ready; 0 = off.",
+    ),
+    Parameter(
         "serving",
         "events",
         None,

@@ -92,6 +92,7 @@ def listener(
         allow=(),
         reuse_port=True,
         serving="events",
+        busy_poll_us=50,
         mode=0o666,
         owner=None,
         group=None,

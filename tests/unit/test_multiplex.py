@@ -74,6 +74,7 @@ def listener_config(
         allow=(),
         reuse_port=True,
         serving="events",
+        busy_poll_us=50,
         mode=0o666,
         owner=None,
         group=None,
