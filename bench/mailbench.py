@@ -201,7 +201,14 @@ class Bench:
 
 
 @contextlib.contextmanager
-def bench_setup(root: Path, variants: Sequence[str], recipient_count: int) -> Iterator[Bench]:
+def bench_setup(
+    root: Path,
+    variants: Sequence[str],
+    recipient_count: int,
+    *,
+    listen_extra: Sequence[str] = (),
+    table_extra: Sequence[str] = (),
+) -> Iterator[Bench]:
     """Start everything; stop everything when the block exits, however it exits."""
     # Postfix daemons (user postfix) read the .cf files: no 0700 directory on the way.
     root.chmod(0o755)
@@ -229,6 +236,7 @@ def bench_setup(root: Path, variants: Sequence[str], recipient_count: int) -> It
         toml = [
             'log_level = "info"\n',
             f'[[listen]]\nendpoint = "inet:127.0.0.1:{socketmap_port}"\nprotocol = "socketmap"\n',
+            *(f"{line}\n" for line in listen_extra),
             f'[metrics]\nendpoint = "inet:127.0.0.1:{metrics_port}"\n',
         ]
         for table in entries:
@@ -237,7 +245,7 @@ def bench_setup(root: Path, variants: Sequence[str], recipient_count: int) -> It
             search = ", ".join(f'"{form}"' for form in ADDRESS_SEARCH[table])
             toml.append(
                 f'[tables.{table}]\nconfig = "{cf}"\nmemcache = "{memcached.endpoint}"\n'
-                f"address_search = [{search}]\n"
+                f"address_search = [{search}]\n" + "".join(f"{line}\n" for line in table_extra)
             )
         config = root / "bridge.toml"
         config.write_text("".join(toml))
@@ -447,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="most seconds one run may take"
     )
+    parser.add_argument(
+        "--listen-extra",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="a TOML line added to the bridge's listener section (repeatable)",
+    )
+    parser.add_argument(
+        "--table-extra",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="a TOML line added to each of the bridge's table sections (repeatable), "
+        "e.g. 'busy_poll_us = 0'",
+    )
     return parser
 
 
@@ -468,7 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="bench-mail-") as scratch,
-            bench_setup(Path(scratch), variants, args.recipients) as bench,
+            bench_setup(
+                Path(scratch),
+                variants,
+                args.recipients,
+                listen_extra=args.listen_extra,
+                table_extra=args.table_extra,
+            ) as bench,
         ):
             for variant in variants:
                 run_once(
