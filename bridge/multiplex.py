@@ -376,7 +376,7 @@ class Multiplexer:
         were read into the codec.
         """
         spin = client.config.busy_poll_us
-        if not spin or self._stopping or trio.lowlevel.current_statistics().tasks_runnable:
+        if not spin or self._stopping or netio.others_ready():
             return False
         deadline = time.perf_counter() + spin / 1_000_000
         sock = client.sock

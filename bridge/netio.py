@@ -30,6 +30,28 @@ import time
 
 import trio
 
+_RUN_CONTEXT: object
+try:
+    from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT
+except ImportError:  # pragma: no cover - a trio that moved its internals
+    _RUN_CONTEXT = None
+
+
+def others_ready() -> bool:
+    """Whether other trio tasks are queued to run (the busy-polls' "only while idle").
+
+    ``trio.lowlevel.current_statistics()`` answers this too, but builds a
+    whole statistics object (the I/O backend's included) each time, which
+    costs more than the recv attempt the answer decides about; the run
+    queue's length is what it reports as ``tasks_runnable``. Falls back to
+    the public call where trio's internals differ.
+    """
+    runner = getattr(_RUN_CONTEXT, "runner", None)
+    runq = getattr(runner, "runq", None)
+    if runq is None:
+        return trio.lowlevel.current_statistics().tasks_runnable > 0
+    return bool(runq)
+
 
 class Connection:
     """A connected, non-blocking socket.
@@ -96,7 +118,7 @@ class Connection:
         # (only I/O and other threads wake tasks, and trio sees those when
         # it next polls), and building the statistics costs more than a
         # recv attempt.
-        if trio.lowlevel.current_statistics().tasks_runnable:
+        if others_ready():
             return None
         deadline = time.perf_counter() + spin
         while True:

@@ -457,7 +457,7 @@ class MemcacheClient:
                 return command.outcome()
         else:
             self._collecting = True
-            if self._in_flight or trio.lowlevel.current_statistics().tasks_runnable:
+            if self._in_flight or netio.others_ready():
                 # Let the tasks woken in this scheduler pass join the batch.
                 # Never raises Cancelled: the queue must not lose its leader.
                 await trio.lowlevel.cancel_shielded_checkpoint()

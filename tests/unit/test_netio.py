@@ -8,7 +8,7 @@ import time
 import trio
 import trio.testing
 
-from bridge.netio import Connection
+from bridge.netio import Connection, others_ready
 
 
 async def test_spin_returns_data_that_is_already_there() -> None:
@@ -66,3 +66,12 @@ async def test_spin_is_still_a_cancellation_point() -> None:
             scope.cancel()
             await connection.receive(100, spin=0.001)
         assert scope.cancelled_caught
+
+
+async def test_others_ready_sees_queued_tasks() -> None:
+    assert not others_ready()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.lowlevel.checkpoint)
+        # Started, not yet run: queued behind this task.
+        assert others_ready()
+    assert not others_ready()
