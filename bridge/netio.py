@@ -112,6 +112,15 @@ class Connection:
             except (ConnectionResetError, ConnectionAbortedError):
                 return b""
 
+    def try_receive(self, max_bytes: int, spin: float) -> bytes | None:
+        """What :meth:`receive` gets without waiting in trio: its busy-poll alone.
+
+        Lets a caller skip setting up a time limit for a read that the
+        busy-poll answers. None: nothing came within ``spin`` (or other
+        tasks are ready); call :meth:`receive`. Not a checkpoint.
+        """
+        return self._spin(max_bytes, spin) if spin > 0 else None
+
     def _spin(self, max_bytes: int, spin: float) -> bytes | None:
         """Non-blocking reads for up to ``spin`` seconds; None if nothing came (or others wait)."""
         # Asked once: while this loop runs no other task can become ready

@@ -641,18 +641,28 @@ class MemcacheClient:
         stream_failure: _Failure | None = None
         for command in sent:
             while (event := protocol.next_event()) is NEED_DATA:
-                # A class-based cancel scope: fail_after's generator-based context
-                # manager costs more than the rest of this loop (docs/performance.md).
-                with trio.CancelScope() as scope:
-                    if timeout > 0:
-                        scope.deadline = trio.current_time() + timeout
-                    try:
-                        chunk = await connection.stream.receive(_RECEIVE_SIZE, spin=spin)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                # A reply caught by the busy-poll needs no time limit (nor a
+                # trip through the scheduler); only a read that waits does.
+                try:
+                    caught = connection.stream.try_receive(_RECEIVE_SIZE, spin)
+                except OSError:
+                    caught = b""
+                if caught is not None:
+                    chunk = caught
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                else:
+                    # A class-based cancel scope: fail_after's generator-based context
+                    # manager costs more than the rest of this loop (docs/performance.md).
+                    with trio.CancelScope() as scope:
+                        if timeout > 0:
+                            scope.deadline = trio.current_time() + timeout
+                        try:
+                            chunk = await connection.stream.receive(_RECEIVE_SIZE)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            chunk = b""
+                    if scope.cancelled_caught:
+                        timed_out = True
                         chunk = b""
-                if scope.cancelled_caught:
-                    timed_out = True
-                    chunk = b""
                 ended = not chunk
                 protocol.receive_data(chunk)
             if not isinstance(event, CommandFailed):
