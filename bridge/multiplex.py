@@ -31,7 +31,10 @@ Deadlines are a heap with at most one live entry per connection: the
 idle timeout from the last byte in or out, and ``request_timeout`` from
 the first byte of a request that has not completed (slow senders). An
 entry that falls due for a connection whose deadline moved later is
-pushed again, so a busy connection costs no heap work per request.
+pushed again, so a busy connection costs no heap work per request. A
+timer task sleeps until the earliest entry (and is woken to re-arm when
+an earlier one is pushed), so the serving loop's wait needs no time
+limit: a pass costs no cancel scope.
 
 Resource handling
 -----------------
@@ -210,7 +213,11 @@ class Multiplexer:
         #: Connections with bytes left to read after their turn in a pass.
         self._again: list[_Client] = []
         self._stopping = False
-        self._wait_scope: trio.CancelScope | None = None
+        #: Ends the loop at shutdown.
+        self._stop_scope: trio.CancelScope | None = None
+        #: The deadline timer's sleep, and when it wakes.
+        self._timer_scope: trio.CancelScope | None = None
+        self._timer_at = math.inf
         # Every read lands here first: recv() of a fresh 64 KiB object per
         # read costs a large allocation each time, for a request of ~50 bytes.
         self._buffer = bytearray(_RECEIVE_SIZE)
@@ -236,42 +243,59 @@ class Multiplexer:
     def stop(self) -> None:
         """Shutdown: stop serving; connections waiting for a request close now."""
         self._stopping = True
-        if self._wait_scope is not None:
-            self._wait_scope.cancel()
+        if self._stop_scope is not None:
+            self._stop_scope.cancel()
 
     async def run(self, nursery: trio.Nursery) -> None:
         """The serving loop, until :meth:`stop`; answer tasks are started in ``nursery``."""
         epoll = self._epoll
         try:
-            while not self._stopping:
-                again, self._again = self._again, []
-                if again:
-                    # Someone still has bytes to read: look at the others, but do not sleep.
-                    await trio.lowlevel.checkpoint()
-                else:
-                    with trio.CancelScope(deadline=self._next_deadline()) as scope:
-                        self._wait_scope = scope
-                        await trio.lowlevel.wait_readable(epoll.fileno())
-                    self._wait_scope = None
-                for fd, mask in epoll.poll(0, _MAX_EVENTS):
-                    client = self._clients.get(fd)
-                    if client is None:
-                        continue
-                    if mask & _HANGUP:
-                        client.hangup = True
-                    if client.busy:
-                        client.unread = True
-                    else:
-                        self._serve(client, nursery, read=True)
-                for client in again:
-                    if not client.busy and not client.closed and client.unread:
-                        self._serve(client, nursery, read=True)
-                self._expire(trio.current_time())
+            with trio.CancelScope() as stop_scope:
+                self._stop_scope = stop_scope
+                if self._stopping:
+                    stop_scope.cancel()
+                async with trio.open_nursery() as timer:
+                    timer.start_soon(self._expire_when_due)
+                    await self._serve_forever(epoll, nursery)
         finally:
             for client in list(self._clients.values()):
                 if not client.busy:
                     self._close(client)
             epoll.close()
+
+    async def _serve_forever(self, epoll: select.epoll, nursery: trio.Nursery) -> None:
+        # No time limit on the wait: deadlines are _expire_when_due's, so a
+        # pass costs no cancel scope (a deadline registered and removed).
+        while True:
+            again, self._again = self._again, []
+            if again:
+                # Someone still has bytes to read: look at the others, but do not sleep.
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+            for fd, mask in epoll.poll(0, _MAX_EVENTS):
+                client = self._clients.get(fd)
+                if client is None:
+                    continue
+                if mask & _HANGUP:
+                    client.hangup = True
+                if client.busy:
+                    client.unread = True
+                else:
+                    self._serve(client, nursery, read=True)
+            for client in again:
+                if not client.busy and not client.closed and client.unread:
+                    self._serve(client, nursery, read=True)
+
+    async def _expire_when_due(self) -> None:
+        """Close connections at their deadlines; woken early when an earlier one is pushed."""
+        while True:
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                self._timer_at = self._next_deadline()
+                await trio.sleep_until(self._timer_at)
+            self._timer_scope = None
+            self._expire(trio.current_time())
 
     # ------------------------------------------------------------- serving
 
@@ -471,6 +495,8 @@ class Multiplexer:
         client.scheduled = next(self._sequence)
         client.due = when
         heapq.heappush(self._heap, (when, client.scheduled, client))
+        if when < self._timer_at and self._timer_scope is not None:
+            self._timer_scope.cancel()  # re-arm the timer for the earlier deadline
 
     def _compact(self) -> None:
         """Drop the entries of closed connections: a closed connection must not stay in memory."""
