@@ -8,7 +8,9 @@ autojump clock, so an idle timeout of 100 s takes no time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -257,3 +259,23 @@ async def test_closed_connections_leave_the_deadline_heap() -> None:
             await wait_for(lambda: sum(served.released) == len(served.released))
         # At most the tolerated stale entries remain, not one per connection ever opened.
         assert len(served.multiplexer._heap) <= 512
+
+
+async def test_the_client_busy_poll_stays_within_its_bound() -> None:
+    # The answer task tries the client's socket for at most busy_poll_us
+    # (here 2 ms) after a reply, then hands the connection back to the
+    # loop: a client that waits 200 ms before its next request costs no
+    # more than the bound in CPU, and is still answered.
+    table = FakeTable(values={b"k": b"v"})
+    config = dataclasses.replace(listener_config(), busy_poll_us=2000)
+    async with serving(table, config) as served:
+        client = served.connect()
+        cpu_before = time.process_time()
+        client.send(request(b"k"))
+        assert await read_reply(client) == encode(b"OK v")
+        await trio.sleep(0.2)
+        spent = time.process_time() - cpu_before
+        client.send(request(b"k"))
+        assert await read_reply(client) == encode(b"OK v")
+    # generous: the event loop's own work plus one 2 ms spin
+    assert spent < 0.05
