@@ -21,6 +21,13 @@ parses every complete request, and:
   The task answers, then goes on with requests the client already
   pipelined behind it, and hands the connection back to the loop.
 
+After answering, the task tries the client's socket for its next
+request for up to the listener's ``busy_poll_us`` (only while no other
+task is ready): with few clients the next request arrives within
+microseconds, and serving it from the same task saves the loop's epoll
+round and a new task. Such a task yields to the others every
+:data:`_SPUN_REQUESTS_PER_TURN` requests it took this way.
+
 A connection that is being answered ("busy") is not read: requests are
 answered one at a time and in order (SM-13), and a client that pipelines
 without reading cannot make the bridge buffer without bound. An edge
