@@ -25,8 +25,9 @@ After answering, the task tries the client's socket for its next
 request for up to the listener's ``busy_poll_us`` (only while no other
 task is ready): with few clients the next request arrives within
 microseconds, and serving it from the same task saves the loop's epoll
-round and a new task. Such a task yields to the others every
-:data:`_SPUN_REQUESTS_PER_TURN` requests it took this way.
+round and a new task. Such a task yields to the others after each
+request it took this way (every :data:`_SPUN_REQUESTS_PER_TURN` when its
+connection is the only one).
 
 A connection that is being answered ("busy") is not read: requests are
 answered one at a time and in order (SM-13), and a client that pipelines
@@ -107,10 +108,11 @@ _READS_PER_TURN: Final = 4
 #: keeping them costs the closed connections' memory until they fall due.
 _STALE_ENTRIES_KEPT: Final = 256
 
-#: Requests an answer task may take from its client's socket by
-#: busy-polling before it yields to the others: a scheduler round per
-#: request costs about as much as the request, and the others wait at
-#: most this many quick lookups.
+#: Requests an answer task serving the only connection may take from its
+#: client's socket by busy-polling before it yields: a scheduler round per
+#: request costs about as much as the request, and nothing but accepts and
+#: timers waits. With other connections it yields after every request:
+#: holding the loop for several raises their tail latency.
 _SPUN_REQUESTS_PER_TURN: Final = 8
 
 #: Events taken from the epoll per pass; the rest stay ready for the next.
@@ -463,11 +465,11 @@ class Multiplexer:
                 work = self._progress(client, read=client.unread)
                 if work is None and self._spin_for_request(client):
                     # The next request came while spinning: serve it from this
-                    # task, letting the others have their turn every few
-                    # requests (their sockets' readiness is only seen when
-                    # trio polls; a lookup that waits for memcache yields too).
+                    # task, letting the others have their turn (their sockets'
+                    # readiness is only seen when trio polls) after each
+                    # request, or every few when this is the only connection.
                     spun += 1
-                    if spun % _SPUN_REQUESTS_PER_TURN == 0:
+                    if len(self._clients) > 1 or spun % _SPUN_REQUESTS_PER_TURN == 0:
                         await trio.lowlevel.checkpoint()
                     work = self._progress(client, read=False)
             else:
