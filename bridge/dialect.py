@@ -13,10 +13,13 @@ rate-limited reason of a TEMP/TIMEOUT/PERM answer) is
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
+
+import trio
 
 from bridge import metrics
 from bridge.logs import ReasonLog
@@ -92,3 +95,22 @@ def reply_for(dialect: Dialect, table: str, outcome: Outcome, seconds: float) ->
 def log_bad_request(dialect: Dialect, peer: str, event: BadRequest) -> None:
     """One warning per malformed request (the connection usually ends with it)."""
     _log.warning("%s request from %s: %s", dialect.name, peer, event.reason)
+
+
+@contextlib.contextmanager
+def connection_ends(listener: str) -> Iterator[None]:
+    """Swallow what ends one client connection, never the server.
+
+    The peer going away (reset, broken pipe, closed) is silent; a client
+    that does not read its reply for :data:`WRITE_TIMEOUT` is logged at
+    info level; anything unexpected is logged with its traceback.
+    Cancellation passes through.
+    """
+    try:
+        yield
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    except trio.TooSlowError:
+        _log.info("closing connection: client did not read its reply in %ss", WRITE_TIMEOUT)
+    except Exception:
+        _log.exception("connection on %s failed", listener)

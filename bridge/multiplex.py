@@ -83,6 +83,7 @@ from bridge.dialect import (
     WRITE_TIMEOUT,
     Dialect,
     ServerCodec,
+    connection_ends,
     log_bad_request,
     reply_for,
 )
@@ -447,39 +448,36 @@ class Multiplexer:
         done = False
         spun = 0
         try:
-            while work is not None:
-                if isinstance(work, _Close):
-                    break
-                if isinstance(work, LookupRequest):
-                    name = work.table if work.table is not None else client.config.table
-                    assert name is not None
-                    started = time.perf_counter()
-                    outcome = await self._host.lookup(name, work.key)
-                    data = reply_for(client.dialect, name, outcome, time.perf_counter() - started)
-                    await client.connection.send_all(data, stall_limit=WRITE_TIMEOUT)
-                else:
-                    await client.connection.send_all(work.data, stall_limit=WRITE_TIMEOUT)
-                    if work.then_close:
+            with connection_ends(client.listener):
+                while work is not None:
+                    if isinstance(work, _Close):
                         break
-                client.last_active = trio.current_time()
-                work = self._progress(client, read=client.unread)
-                if work is None and self._spin_for_request(client):
-                    # The next request came while spinning: serve it from this
-                    # task, letting the others have their turn (their sockets'
-                    # readiness is only seen when trio polls) after each
-                    # request, or every few when this is the only connection.
-                    spun += 1
-                    if len(self._clients) > 1 or spun % _SPUN_REQUESTS_PER_TURN == 0:
-                        await trio.lowlevel.checkpoint()
-                    work = self._progress(client, read=False)
-            else:
-                done = True
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        except trio.TooSlowError:
-            _log.info("closing connection: client did not read its reply in %ss", WRITE_TIMEOUT)
-        except Exception:
-            _log.exception("connection on %s failed", client.listener)
+                    if isinstance(work, LookupRequest):
+                        name = work.table if work.table is not None else client.config.table
+                        assert name is not None
+                        started = time.perf_counter()
+                        outcome = await self._host.lookup(name, work.key)
+                        data = reply_for(
+                            client.dialect, name, outcome, time.perf_counter() - started
+                        )
+                        await client.connection.send_all(data, stall_limit=WRITE_TIMEOUT)
+                    else:
+                        await client.connection.send_all(work.data, stall_limit=WRITE_TIMEOUT)
+                        if work.then_close:
+                            break
+                    client.last_active = trio.current_time()
+                    work = self._progress(client, read=client.unread)
+                    if work is None and self._spin_for_request(client):
+                        # The next request came while spinning: serve it from this
+                        # task, letting the others have their turn (their sockets'
+                        # readiness is only seen when trio polls) after each
+                        # request, or every few when this is the only connection.
+                        spun += 1
+                        if len(self._clients) > 1 or spun % _SPUN_REQUESTS_PER_TURN == 0:
+                            await trio.lowlevel.checkpoint()
+                        work = self._progress(client, read=False)
+                else:
+                    done = True
         finally:
             client.busy = False
             if done and not client.closed:

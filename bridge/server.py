@@ -56,7 +56,13 @@ import trio
 
 from bridge import http, metrics, multiplex, netio
 from bridge.config import BridgeConfig, ConfigError, ListenerConfig, load_config
-from bridge.dialect import DIALECTS, WRITE_TIMEOUT, log_bad_request, reply_for
+from bridge.dialect import (
+    DIALECTS,
+    WRITE_TIMEOUT,
+    connection_ends,
+    log_bad_request,
+    reply_for,
+)
 from bridge.listeners import BoundListener, close_listener
 from bridge.multiplex import Multiplexer
 from bridge.outcome import ConfigFailure, Outcome
@@ -258,13 +264,8 @@ class BridgeServer:
         listener = str(config.endpoint)
         metrics.current.connection_opened(listener)
         try:
-            await _Connection(self, connection, config).serve()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        except trio.TooSlowError:
-            _log.info("closing connection: client did not read its reply in %ss", WRITE_TIMEOUT)
-        except Exception:
-            _log.exception("connection on %s failed", config.endpoint)
+            with connection_ends(listener):
+                await _Connection(self, connection, config).serve()
         finally:
             metrics.current.connection_closed(listener)
             release()
