@@ -22,6 +22,7 @@ from typing import Protocol
 import trio
 
 from bridge import metrics
+from bridge.config import ListenerConfig
 from bridge.logs import ReasonLog
 from bridge.outcome import ConfigFailure, Outcome, Retry
 from bridge.protocol import socketmap, tcptable
@@ -73,6 +74,13 @@ DIALECTS = {
         tcptable.encode_bad_request,
     ),
 }
+
+
+def table_of(request: LookupRequest, config: ListenerConfig) -> str:
+    """The table a request asks: socketmap names it in each request; a tcp listener serves one."""
+    name = request.table if request.table is not None else config.table
+    assert name is not None
+    return name
 
 
 def reply_for(dialect: Dialect, table: str, outcome: Outcome, seconds: float) -> bytes:

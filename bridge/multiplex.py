@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import math
 import select
 import socket
@@ -86,12 +85,11 @@ from bridge.dialect import (
     connection_ends,
     log_bad_request,
     reply_for,
+    table_of,
 )
 from bridge.outcome import ConfigFailure, Outcome
 from bridge.protocol.events import NEED_DATA, BadRequest, ConnectionClosed, LookupRequest
 from bridge.table import Table
-
-_log = logging.getLogger("bridge.server")
 
 #: Whether this platform can multiplex (Linux); elsewhere "events" listeners use tasks.
 AVAILABLE: Final = hasattr(select, "epoll")
@@ -317,13 +315,9 @@ class Multiplexer:
 
     def _serve(self, client: _Client, nursery: trio.Nursery, *, read: bool) -> None:
         """Read and answer what can be answered now; start a task for the rest."""
-        try:
+        work: _Work = _CLOSE  # unless the connection survives the pass
+        with connection_ends(client.listener):
             work = self._progress(client, read=read)
-        except (trio.BrokenResourceError, OSError):
-            work = _CLOSE
-        except Exception:
-            _log.exception("connection on %s failed", client.listener)
-            work = _CLOSE
         if work is None:
             self._schedule(client)
         elif isinstance(work, _Close):
@@ -389,9 +383,7 @@ class Multiplexer:
                 continue
             assert isinstance(event, LookupRequest)
             started = time.perf_counter()
-            # socketmap names the table in each request; a tcp listener serves one.
-            name = event.table if event.table is not None else client.config.table
-            assert name is not None
+            name = table_of(event, client.config)
             table = self._host.tables.get(name)
             outcome: Outcome | None
             if table is None:
@@ -453,8 +445,7 @@ class Multiplexer:
                     if isinstance(work, _Close):
                         break
                     if isinstance(work, LookupRequest):
-                        name = work.table if work.table is not None else client.config.table
-                        assert name is not None
+                        name = table_of(work, client.config)
                         started = time.perf_counter()
                         outcome = await self._host.lookup(name, work.key)
                         data = reply_for(

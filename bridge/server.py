@@ -62,6 +62,7 @@ from bridge.dialect import (
     connection_ends,
     log_bad_request,
     reply_for,
+    table_of,
 )
 from bridge.listeners import BoundListener, close_listener
 from bridge.multiplex import Multiplexer
@@ -367,9 +368,7 @@ class _Connection:
         )
 
     async def _answer(self, request: LookupRequest) -> None:
-        # socketmap names the table in each request; a tcp listener serves one.
-        name = request.table if request.table is not None else self._config.table
-        assert name is not None
+        name = table_of(request, self._config)
         started = time.perf_counter()
         outcome = await self._server.lookup(name, request.key)
         await self._send(reply_for(self._dialect, name, outcome, time.perf_counter() - started))
